@@ -1,0 +1,11 @@
+//! ratequant core: everything that does not know what a language model is.
+//!
+//! Data flow: K/V tiles → [`quant`] designs (fake-quantize, pack) → [`distortion`] tables →
+//! [`fit`] (`D_i(b) = α_i·β^(−b)`) → [`allocate`] (reverse water-filling + exact integer
+//! rounding) → [`formats`] (CALIB.json / PLAN.json).
+
+pub mod error;
+pub mod quant;
+
+pub use error::{Error, Result};
+pub use quant::{EncodedTile, Kind, Quantizer, QuantizerSpec, TileShape};
