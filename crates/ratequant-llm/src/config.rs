@@ -60,6 +60,10 @@ pub struct ModelConfig {
     pub norm_weight_offset: bool,
     /// Extra norms after attention and after the MLP (Gemma 3).
     pub post_norms: bool,
+    /// Final logits become `c·tanh(logits/c)` when set (Gemma 2/3 configs that carry
+    /// `final_logit_softcapping`).
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
     /// MLP activation.
     pub activation: Activation,
     /// Token id of beginning-of-sequence, and whether the tokenizer adds it.
