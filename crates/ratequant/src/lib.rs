@@ -5,6 +5,8 @@
 //! rounding) → [`formats`] (CALIB.json / PLAN.json).
 
 pub mod error;
+pub mod hadamard;
+pub mod pack;
 pub mod quant;
 
 pub use error::{Error, Result};

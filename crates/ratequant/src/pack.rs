@@ -1,0 +1,228 @@
+//! Bit packing of `b`-bit codes (b = 1..=8), LSB-first.
+//!
+//! Code `i` occupies bits `i·b .. (i+1)·b` of the packed stream, bytes little-endian (bit `k`
+//! of the stream is bit `k % 8` of byte `k / 8`); the last byte is zero-padded. Eight codes
+//! always fill exactly `b` bytes, so the fast paths move eight codes at a time through one
+//! `u64`: three shift-and-mask steps squeeze (or spread) the eight bytes into `8·b`
+//! contiguous bits. [`pack_reference`] / [`unpack_reference`] are the bit-by-bit definition
+//! the tests compare against.
+
+use crate::{Error, Result};
+
+/// Bytes needed for `n` codes of `bits` bits.
+pub fn packed_len(n: usize, bits: u8) -> usize {
+    (n * bits as usize).div_ceil(8)
+}
+
+fn check_width(bits: u8) -> Result<()> {
+    if (1..=8).contains(&bits) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "pack: bits must be in 1..=8, got {bits}"
+        )))
+    }
+}
+
+/// Packs `codes` (each `< 2^bits`) into `out`, which must hold exactly
+/// [`packed_len`]`(codes.len(), bits)` bytes.
+pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) -> Result<()> {
+    check_width(bits)?;
+    let want = packed_len(codes.len(), bits);
+    if out.len() != want {
+        return Err(Error::invalid(format!(
+            "pack: {} codes at {bits} bits need {want} bytes, output has {}",
+            codes.len(),
+            out.len()
+        )));
+    }
+    let limit = ((1u16 << bits) - 1) as u8;
+    if codes.iter().fold(0u8, |acc, &c| acc | (c & !limit)) != 0 {
+        let (i, c) = codes
+            .iter()
+            .enumerate()
+            .find(|(_, &c)| c > limit)
+            .expect("found by the fold");
+        return Err(Error::invalid(format!(
+            "pack: code {c} at index {i} does not fit in {bits} bits"
+        )));
+    }
+    pack_unchecked(codes, bits, out);
+    Ok(())
+}
+
+/// Unpacks `out.len()` codes from `packed`, which must hold exactly
+/// [`packed_len`]`(out.len(), bits)` bytes.
+pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) -> Result<()> {
+    check_width(bits)?;
+    let want = packed_len(out.len(), bits);
+    if packed.len() != want {
+        return Err(Error::invalid(format!(
+            "unpack: {} codes at {bits} bits need {want} bytes, input has {}",
+            out.len(),
+            packed.len()
+        )));
+    }
+    unpack_unchecked(packed, bits, out);
+    Ok(())
+}
+
+/// Mask of the low `n` bits (n ≤ 64).
+#[inline(always)]
+const fn low_bits(n: u32) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// Squeezes eight codes (one per byte of `word`) into the low `8·B` bits.
+#[inline(always)]
+fn squeeze8<const B: u32>(word: u64) -> u64 {
+    let v = word & (low_bits(B) * 0x0101_0101_0101_0101);
+    let v = (v | (v >> (8 - B))) & (low_bits(2 * B) * 0x0001_0001_0001_0001);
+    let v = (v | (v >> (16 - 2 * B))) & (low_bits(4 * B) * 0x0000_0001_0000_0001);
+    (v | (v >> (32 - 4 * B))) & low_bits(8 * B)
+}
+
+/// Inverse of [`squeeze8`]: spreads the low `8·B` bits into eight codes, one per byte.
+#[inline(always)]
+fn spread8<const B: u32>(packed: u64) -> u64 {
+    let v = packed & low_bits(8 * B);
+    let v = (v | (v << (32 - 4 * B))) & (low_bits(4 * B) * 0x0000_0001_0000_0001);
+    let v = (v | (v << (16 - 2 * B))) & (low_bits(2 * B) * 0x0001_0001_0001_0001);
+    (v | (v << (8 - B))) & (low_bits(B) * 0x0101_0101_0101_0101)
+}
+
+#[inline(always)]
+fn pack_width<const B: u32>(codes: &[u8], out: &mut [u8]) {
+    let b = B as usize;
+    let full = codes.len() / 8;
+    let (out_full, out_tail) = out.split_at_mut(full * b);
+    for (chunk, dst) in codes.chunks_exact(8).zip(out_full.chunks_exact_mut(b)) {
+        let word = u64::from_le_bytes(chunk.try_into().expect("chunk of 8"));
+        dst.copy_from_slice(&squeeze8::<B>(word).to_le_bytes()[..b]);
+    }
+    let tail = &codes[full * 8..];
+    if !tail.is_empty() {
+        let mut padded = [0u8; 8];
+        padded[..tail.len()].copy_from_slice(tail);
+        let word = squeeze8::<B>(u64::from_le_bytes(padded)).to_le_bytes();
+        let n = out_tail.len();
+        out_tail.copy_from_slice(&word[..n]);
+    }
+}
+
+#[inline(always)]
+fn unpack_width<const B: u32>(packed: &[u8], out: &mut [u8]) {
+    let b = B as usize;
+    let full = out.len() / 8;
+    let (out_full, out_tail) = out.split_at_mut(full * 8);
+    for (dst, src) in out_full.chunks_exact_mut(8).zip(packed.chunks_exact(b)) {
+        let mut word = [0u8; 8];
+        word[..b].copy_from_slice(src);
+        dst.copy_from_slice(&spread8::<B>(u64::from_le_bytes(word)).to_le_bytes());
+    }
+    if !out_tail.is_empty() {
+        let src = &packed[full * b..];
+        let mut word = [0u8; 8];
+        word[..src.len()].copy_from_slice(src);
+        let codes = spread8::<B>(u64::from_le_bytes(word)).to_le_bytes();
+        let n = out_tail.len();
+        out_tail.copy_from_slice(&codes[..n]);
+    }
+}
+
+/// [`pack`] without checks: lengths must match and codes must fit (higher bits are dropped).
+#[inline(always)]
+pub(crate) fn pack_unchecked(codes: &[u8], bits: u8, out: &mut [u8]) {
+    match bits {
+        1 => pack_width::<1>(codes, out),
+        2 => pack_width::<2>(codes, out),
+        3 => pack_width::<3>(codes, out),
+        4 => pack_width::<4>(codes, out),
+        5 => pack_width::<5>(codes, out),
+        6 => pack_width::<6>(codes, out),
+        7 => pack_width::<7>(codes, out),
+        8 => out.copy_from_slice(codes),
+        _ => unreachable!("bits checked by the caller"),
+    }
+}
+
+/// [`unpack`] without checks: lengths must match.
+#[inline(always)]
+pub(crate) fn unpack_unchecked(packed: &[u8], bits: u8, out: &mut [u8]) {
+    match bits {
+        1 => unpack_width::<1>(packed, out),
+        2 => unpack_width::<2>(packed, out),
+        3 => unpack_width::<3>(packed, out),
+        4 => unpack_width::<4>(packed, out),
+        5 => unpack_width::<5>(packed, out),
+        6 => unpack_width::<6>(packed, out),
+        7 => unpack_width::<7>(packed, out),
+        8 => out.copy_from_slice(packed),
+        _ => unreachable!("bits checked by the caller"),
+    }
+}
+
+/// Bit-by-bit definition of the packed layout (slow; for tests and as documentation).
+pub fn pack_reference(codes: &[u8], bits: u8) -> Vec<u8> {
+    let mut out = vec![0u8; packed_len(codes.len(), bits)];
+    for (i, &code) in codes.iter().enumerate() {
+        for j in 0..bits as usize {
+            if code >> j & 1 == 1 {
+                let bit = i * bits as usize + j;
+                out[bit / 8] |= 1 << (bit % 8);
+            }
+        }
+    }
+    out
+}
+
+/// Bit-by-bit inverse of [`pack_reference`].
+pub fn unpack_reference(packed: &[u8], bits: u8, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            (0..bits as usize).fold(0u8, |code, j| {
+                let bit = i * bits as usize + j;
+                code | ((packed[bit / 8] >> (bit % 8)) & 1) << j
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_bit_layout_is_lsb_first() {
+        let mut out = [0u8; 3];
+        pack(&[1, 2, 3, 0, 3, 1, 2, 0, 3], 2, &mut out).unwrap();
+        // byte 0: codes 1,2,3,0 → 0b00_11_10_01
+        assert_eq!(out, [0b0011_1001, 0b0010_0111, 0b0000_0011]);
+        let mut back = [0u8; 9];
+        unpack(&out, 2, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3, 0, 3, 1, 2, 0, 3]);
+    }
+
+    #[test]
+    fn three_bit_codes_straddle_bytes() {
+        let mut out = [0u8; 2];
+        pack(&[0b101, 0b110, 0b011], 3, &mut out).unwrap();
+        // stream bits: 101 | 110 << 3 | 011 << 6 = 0b011_110_101
+        assert_eq!(out, [0b1111_0101, 0]);
+        assert_eq!(u16::from_le_bytes(out), 0b011_110_101);
+    }
+
+    #[test]
+    fn rejects_bad_widths_lengths_and_codes() {
+        assert!(pack(&[0; 4], 0, &mut [0; 0]).is_err());
+        assert!(pack(&[0; 4], 9, &mut [0; 5]).is_err());
+        assert!(pack(&[0; 9], 2, &mut [0; 2]).is_err());
+        let err = pack(&[0, 4], 2, &mut [0; 1]).unwrap_err().to_string();
+        assert!(err.contains("code 4 at index 1"), "{err}");
+        assert!(unpack(&[0; 2], 2, &mut [0; 9]).is_err());
+    }
+}
