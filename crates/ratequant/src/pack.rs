@@ -77,22 +77,36 @@ const fn low_bits(n: u32) -> u64 {
     }
 }
 
-/// Squeezes eight codes (one per byte of `word`) into the low `8·B` bits.
+/// `m` (a field mask within 16 bits) repeated in each 16-bit lane.
+#[inline(always)]
+const fn every16(m: u64) -> u64 {
+    m * 0x0001_0001_0001_0001
+}
+
+/// `m` (a field mask within 32 bits) repeated in each 32-bit lane.
+#[inline(always)]
+const fn every32(m: u64) -> u64 {
+    m * 0x0000_0001_0000_0001
+}
+
+/// Squeezes eight codes (one per byte of `word`) into the low `8·B` bits: each step joins
+/// the two fields of every lane (bytes, then 16-bit, then 32-bit lanes) into one.
 #[inline(always)]
 fn squeeze8<const B: u32>(word: u64) -> u64 {
     let v = word & (low_bits(B) * 0x0101_0101_0101_0101);
-    let v = (v | (v >> (8 - B))) & (low_bits(2 * B) * 0x0001_0001_0001_0001);
-    let v = (v | (v >> (16 - 2 * B))) & (low_bits(4 * B) * 0x0000_0001_0000_0001);
-    (v | (v >> (32 - 4 * B))) & low_bits(8 * B)
+    let v = (v & every16(low_bits(B))) | ((v >> (8 - B)) & every16(low_bits(B) << B));
+    let v = (v & every32(low_bits(2 * B)))
+        | ((v >> (16 - 2 * B)) & every32(low_bits(2 * B) << (2 * B)));
+    (v & low_bits(4 * B)) | ((v >> (32 - 4 * B)) & (low_bits(4 * B) << (4 * B)))
 }
 
 /// Inverse of [`squeeze8`]: spreads the low `8·B` bits into eight codes, one per byte.
 #[inline(always)]
 fn spread8<const B: u32>(packed: u64) -> u64 {
     let v = packed & low_bits(8 * B);
-    let v = (v | (v << (32 - 4 * B))) & (low_bits(4 * B) * 0x0000_0001_0000_0001);
-    let v = (v | (v << (16 - 2 * B))) & (low_bits(2 * B) * 0x0001_0001_0001_0001);
-    (v | (v << (8 - B))) & (low_bits(B) * 0x0101_0101_0101_0101)
+    let v = (v & low_bits(4 * B)) | ((v << (32 - 4 * B)) & (low_bits(4 * B) << 32));
+    let v = (v & every32(low_bits(2 * B))) | ((v << (16 - 2 * B)) & every32(low_bits(2 * B) << 16));
+    (v & every16(low_bits(B))) | ((v << (8 - B)) & every16(low_bits(B) << 8))
 }
 
 #[inline(always)]

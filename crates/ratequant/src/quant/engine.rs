@@ -33,7 +33,8 @@ pub(crate) struct Scheme {
     pub groups: Groups,
     /// Group size G (≥ 1).
     pub group: usize,
-    /// Shrink each group's min-max range about its midpoint to this ratio (QuaRot: 0.95).
+    /// Shrink each group's min-max range about its midpoint to this ratio and clamp the
+    /// values into it before rounding (QuaRot: 0.95). Per-token groups only.
     pub clip_ratio: Option<f32>,
     /// Rotate each token by the normalised Hadamard matrix before quantizing (QuaRot).
     pub rotate: bool,
@@ -157,10 +158,6 @@ impl BlockCtx {
         token: usize,
         channel: usize,
     ) -> std::result::Result<Grid, Problem> {
-        let (lo, hi) = match self.clip_ratio {
-            Some(ratio) => clip_range(lo, hi, ratio),
-            None => (lo, hi),
-        };
         let grid = Grid::covering(lo, hi, self.levels);
         if grid.fits_f16() {
             Ok(grid)
@@ -174,14 +171,15 @@ impl BlockCtx {
         }
     }
 
-    /// The grid of a contiguous group (per-token grouping).
+    /// The grid of a contiguous group (per-token grouping) and, when the scheme clips, the
+    /// clipped range its values are clamped into before rounding.
     #[inline(always)]
     fn slice_grid(
         &self,
         values: &[f32],
         token: usize,
         channel: usize,
-    ) -> std::result::Result<Grid, Problem> {
+    ) -> std::result::Result<(Grid, Option<(f32, f32)>), Problem> {
         let (lo, hi, finite) = min_max(values);
         if !finite {
             // Rotated values of a finite row can only be infinite through overflow.
@@ -196,7 +194,13 @@ impl BlockCtx {
                 Problem::NonFinite
             });
         }
-        self.grid(lo, hi, token, channel)
+        match self.clip_ratio {
+            Some(ratio) => {
+                let (lo, hi) = clip_range(lo, hi, ratio);
+                Ok((self.grid(lo, hi, token, channel)?, Some((lo, hi))))
+            }
+            None => Ok((self.grid(lo, hi, token, channel)?, None)),
+        }
     }
 
     /// Copies a token row into `buf` and rotates it (QuaRot's forward transform).
@@ -241,8 +245,12 @@ fn fake_per_token(
             .zip(dst.chunks_mut(ctx.group))
             .enumerate()
         {
-            let grid = ctx.slice_grid(s, token, g * ctx.group)?;
-            minmax::fake_slice(s, o, grid, ctx.levels);
+            match ctx.slice_grid(s, token, g * ctx.group)? {
+                (grid, None) => minmax::fake_slice(s, o, grid, ctx.levels),
+                (grid, Some((lo, hi))) => {
+                    minmax::fake_slice_clamped(s, o, grid, lo, hi, ctx.levels)
+                }
+            }
         }
         if ctx.rotate {
             fwht_normalized_unchecked(dst);
@@ -280,10 +288,13 @@ fn encode_per_token(
             .zip(row_codes.chunks_mut(ctx.group))
             .enumerate()
         {
-            let grid = ctx.slice_grid(s, token, g * ctx.group)?;
+            let (grid, clamp) = ctx.slice_grid(s, token, g * ctx.group)?;
             row_scales[g] = minmax::f16_bits_exact(grid.scale);
             row_zeros[g] = minmax::f16_bits_exact(grid.zero);
-            minmax::code_slice(s, c, grid, ctx.levels);
+            match clamp {
+                None => minmax::code_slice(s, c, grid, ctx.levels),
+                Some((lo, hi)) => minmax::code_slice_clamped(s, c, grid, lo, hi, ctx.levels),
+            }
         }
     }
     pack_unchecked(codes, ctx.bits, packed);
@@ -856,5 +867,137 @@ fn problem_error(problem: Problem, x: &[f32], shape: TileShape, bits: u8) -> Err
              f16 zero-points and scales cannot represent at {bits} bits (|values| ≤ 65504, \
              range / (2^bits − 1) ≤ 65504)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                // a few outliers and repeated values, as in real K/V
+                if i % 97 == 0 {
+                    u * 40.0
+                } else if i % 13 == 0 {
+                    0.25
+                } else {
+                    u * (1.0 + (i % 7) as f32)
+                }
+            })
+            .collect()
+    }
+
+    fn schemes() -> Vec<Scheme> {
+        let per_token = |group| Scheme {
+            groups: Groups::PerToken,
+            group,
+            clip_ratio: None,
+            rotate: false,
+        };
+        vec![
+            per_token(32),
+            per_token(128),
+            per_token(24),
+            Scheme {
+                groups: Groups::PerChannel,
+                group: 32,
+                clip_ratio: None,
+                rotate: false,
+            },
+            Scheme {
+                groups: Groups::PerChannel,
+                group: 5,
+                clip_ratio: None,
+                rotate: false,
+            },
+            Scheme {
+                groups: Groups::PerToken,
+                group: 128,
+                clip_ratio: Some(0.95),
+                rotate: true,
+            },
+            Scheme {
+                groups: Groups::PerToken,
+                group: 32,
+                clip_ratio: Some(0.95),
+                rotate: true,
+            },
+        ]
+    }
+
+    fn bits_of(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Every instruction-set variant gives the baseline's bits, serial and parallel tiles alike.
+    #[test]
+    fn instruction_set_variants_agree_with_baseline() {
+        let isas = Isa::available();
+        eprintln!("instruction sets compared: {isas:?}");
+        for (tokens, head_dim) in [(37usize, 128usize), (1030, 128), (9, 64), (700, 64)] {
+            let shape = TileShape::new(tokens, head_dim);
+            let x = data(shape.len(), (tokens * head_dim) as u64);
+            for scheme in schemes() {
+                for bits in 1..=8u8 {
+                    let mut base_fake = vec![0.0; x.len()];
+                    scheme
+                        .fake_quantize_isa(Isa::Baseline, &x, shape, bits, &mut base_fake)
+                        .unwrap();
+                    let base_enc = scheme
+                        .encode_isa(Isa::Baseline, &x, shape, Kind::K, bits)
+                        .unwrap();
+                    let mut base_dec = vec![0.0; x.len()];
+                    scheme
+                        .decode_isa(Isa::Baseline, &base_enc, &mut base_dec)
+                        .unwrap();
+                    assert_eq!(
+                        bits_of(&base_fake),
+                        bits_of(&base_dec),
+                        "{scheme:?} {shape} b={bits}"
+                    );
+                    for &isa in &isas[1..] {
+                        let mut fake = vec![0.0; x.len()];
+                        scheme
+                            .fake_quantize_isa(isa, &x, shape, bits, &mut fake)
+                            .unwrap();
+                        assert_eq!(
+                            bits_of(&fake),
+                            bits_of(&base_fake),
+                            "{isa:?} {scheme:?} {shape} b={bits}"
+                        );
+                        let enc = scheme.encode_isa(isa, &x, shape, Kind::K, bits).unwrap();
+                        assert_eq!(enc, base_enc, "{isa:?} {scheme:?} {shape} b={bits}");
+                        let mut dec = vec![0.0; x.len()];
+                        scheme.decode_isa(isa, &base_enc, &mut dec).unwrap();
+                        assert_eq!(
+                            bits_of(&dec),
+                            bits_of(&base_dec),
+                            "{isa:?} {scheme:?} {shape} b={bits}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_are_byte_aligned_and_whole_token_groups() {
+        for head_dim in [1usize, 3, 6, 64, 100, 128] {
+            for scheme in schemes() {
+                let shape = TileShape::new(1000, head_dim);
+                let rows = scheme.block_rows(shape);
+                assert_eq!(rows * head_dim % 8, 0, "{scheme:?} d={head_dim}");
+                if scheme.groups == Groups::PerChannel {
+                    assert_eq!(rows % scheme.group, 0, "{scheme:?} d={head_dim}");
+                }
+            }
+        }
     }
 }

@@ -261,6 +261,47 @@ pub(crate) fn code_slice(src: &[f32], codes: &mut [u8], grid: Grid, levels: f32)
     }
 }
 
+/// `v` clamped into `[lo, hi]`.
+#[inline(always)]
+fn clamp(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v < lo { lo } else { v };
+    if v > hi {
+        hi
+    } else {
+        v
+    }
+}
+
+/// [`fake_slice`] of the values clamped into `[lo, hi]` (a clipped range).
+#[inline(always)]
+pub(crate) fn fake_slice_clamped(
+    src: &[f32],
+    dst: &mut [f32],
+    grid: Grid,
+    lo: f32,
+    hi: f32,
+    levels: f32,
+) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = grid.fake(clamp(v, lo, hi), levels);
+    }
+}
+
+/// [`code_slice`] of the values clamped into `[lo, hi]` (a clipped range).
+#[inline(always)]
+pub(crate) fn code_slice_clamped(
+    src: &[f32],
+    codes: &mut [u8],
+    grid: Grid,
+    lo: f32,
+    hi: f32,
+    levels: f32,
+) {
+    for (c, &v) in codes.iter_mut().zip(src) {
+        *c = grid.code(clamp(v, lo, hi), levels);
+    }
+}
+
 /// Writes the reconstruction of each code.
 #[inline(always)]
 pub(crate) fn value_slice(codes: &[u8], dst: &mut [f32], grid: Grid) {

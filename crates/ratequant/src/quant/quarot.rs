@@ -1,12 +1,13 @@
 //! QuaRot (Ashkboos et al., 2024) for the KV cache: rotate every token's vector by the
 //! normalised Walsh–Hadamard matrix of order head_dim, which spreads outlier channels over
 //! all channels, quantize per token over groups of `G` channels (default `G = head_dim`)
-//! with the min-max range clipped to 95% about its midpoint, and rotate back. Keys and values
-//! alike. head_dim must be a power of two (Sylvester construction).
+//! with the min-max range clipped to 95% about its midpoint (values outside it are clamped
+//! into it before rounding), and rotate back. Keys and values alike. head_dim must be a
+//! power of two (Sylvester construction).
 //!
 //! Encoded codes, scales and zero-points describe the *rotated* vectors; `decode` rotates
-//! back. The half-step guarantee holds in the rotated domain for values inside the clipped
-//! range.
+//! back. The half-step guarantee holds in the rotated domain, against the values clamped into
+//! the clipped range.
 
 use super::engine::{Groups, Scheme};
 use super::{EncodedTile, Kind, Quantizer, TileShape};
