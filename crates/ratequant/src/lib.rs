@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod hadamard;
+pub mod kvcache;
 pub mod pack;
 pub mod quant;
 

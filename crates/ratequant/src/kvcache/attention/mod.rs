@@ -1,0 +1,412 @@
+//! Kernels that compute attention directly on packed codes, never materialising dequantized
+//! keys or values.
+//!
+//! Two primitives carry all the work; the cache folds scales and zero-points around them:
+//! * [`key_scores`]: keys are stored *channel-major* inside a block of tokens (channel `c`'s
+//!   codes for the block's tokens are one contiguous LSB-first bit run, `slot_bytes` long), so
+//!   a vector holds one channel's codes for 8 (AVX2) or 16 (AVX-512) consecutive tokens and
+//!   `score[t] += w[c]·code[c][t]` is one broadcast-FMA per channel, for every query row that
+//!   shares the KV head. KIVI's per-channel keys pass `w = q ∘ scale` (the scales folded into
+//!   the query); per-token keys pass `w = q` and apply each token's scale afterwards.
+//! * [`value_accumulate`]: values are stored *row-major* (one LSB-first bit run per token), so
+//!   a vector holds 8/16 consecutive channels of one token and `acc[c] += (p·s)[t]·code[t][c]`
+//!   is again one broadcast-FMA per row.
+//!
+//! Eight consecutive codes always start on a byte boundary, whatever the bit-width, so one
+//! unpack sequence per bit-width (shuffle bytes, per-lane variable shift, mask, convert)
+//! serves all positions. Every code buffer keeps [`CODE_PADDING`] zero bytes past its end so
+//! that a chunk's vector load never crosses it.
+
+pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+use std::ops::Range;
+
+/// Zero bytes kept after the last code of every code buffer (a 16-lane load reads 16 bytes
+/// from the start of a chunk that may hold as few as 2 bytes of codes).
+pub const CODE_PADDING: usize = 16;
+
+/// Query rows a kernel pass handles at once; more rows run in several passes.
+pub const MAX_ROWS: usize = 8;
+
+/// Instruction set the kernels run on, chosen at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The best instruction set this CPU offers.
+    pub fn detect() -> Isa {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|isa| isa.is_available())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// Every instruction set this CPU can run (scalar always), for tests and benchmarks.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|isa| isa.is_available())
+            .collect()
+    }
+
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// `out[r·out_stride + (t − tokens.start)] = Σ_{c ∈ channels} weights[r·w_stride + c] · code(c, t)`
+/// for `r < rows`, `t ∈ tokens`, where `code(c, t)` is the `bits`-wide code at stream bit
+/// `c·slot_bytes·8 + t·bits` of `codes` (one block of channel-major keys).
+///
+/// `codes` must extend [`CODE_PADDING`] bytes past the byte where the last code starts.
+#[allow(clippy::too_many_arguments)]
+pub fn key_scores(
+    isa: Isa,
+    codes: &[u8],
+    slot_bytes: usize,
+    bits: u8,
+    channels: Range<usize>,
+    tokens: Range<usize>,
+    weights: &[f32],
+    w_stride: usize,
+    rows: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if rows == 0 || channels.is_empty() || tokens.is_empty() {
+        if !channels.is_empty() || tokens.is_empty() {
+            return;
+        }
+        // No channels: every score is zero.
+        for r in 0..rows {
+            out[r * out_stride..r * out_stride + tokens.len()].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        (1..=8).contains(&bits),
+        "key_scores: bits {bits} outside 1..=8"
+    );
+    assert!(
+        tokens.end * bits as usize <= slot_bytes * 8,
+        "key_scores: tokens {tokens:?} overflow a {slot_bytes}-byte slot"
+    );
+    let last_chunk = (channels.end - 1) * slot_bytes + (tokens.end - 1) / 8 * bits as usize;
+    assert!(
+        codes.len() >= last_chunk + CODE_PADDING,
+        "key_scores: code buffer lacks its padding"
+    );
+    assert!(
+        weights.len() >= (rows - 1) * w_stride + channels.end,
+        "key_scores: weights too short"
+    );
+    assert!(
+        out.len() >= (rows - 1) * out_stride + tokens.len(),
+        "key_scores: output too short"
+    );
+    for r0 in (0..rows).step_by(MAX_ROWS) {
+        let n = MAX_ROWS.min(rows - r0);
+        let w = &weights[r0 * w_stride..];
+        let o = &mut out[r0 * out_stride..];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if isa.is_available() => {
+                // SAFETY: features checked; bounds asserted above.
+                unsafe {
+                    avx512::key_scores(
+                        codes,
+                        slot_bytes,
+                        bits,
+                        channels.clone(),
+                        tokens.clone(),
+                        w,
+                        w_stride,
+                        n,
+                        o,
+                        out_stride,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if isa.is_available() => {
+                // SAFETY: features checked; bounds asserted above.
+                unsafe {
+                    avx2::key_scores(
+                        codes,
+                        slot_bytes,
+                        bits,
+                        channels.clone(),
+                        tokens.clone(),
+                        w,
+                        w_stride,
+                        n,
+                        o,
+                        out_stride,
+                    )
+                }
+            }
+            _ => scalar::key_scores(
+                codes,
+                slot_bytes,
+                bits,
+                channels.clone(),
+                tokens.clone(),
+                w,
+                w_stride,
+                n,
+                o,
+                out_stride,
+            ),
+        }
+    }
+}
+
+/// `acc[r·acc_stride + c] += Σ_{t < tokens} weights[r·w_stride + t] · code(t, c)` for
+/// `r < rows`, `c ∈ channels`, where `code(t, c)` is the `bits`-wide code at stream bit
+/// `t·row_bytes·8 + c·bits` of `codes` (row-major values).
+///
+/// `codes` must extend [`CODE_PADDING`] bytes past the byte where the last code starts. The
+/// SIMD paths need `channels.start·bits` to be a multiple of 8 (byte-aligned chunks); other
+/// ranges run the scalar kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn value_accumulate(
+    isa: Isa,
+    codes: &[u8],
+    row_bytes: usize,
+    bits: u8,
+    tokens: usize,
+    channels: Range<usize>,
+    weights: &[f32],
+    w_stride: usize,
+    rows: usize,
+    acc: &mut [f32],
+    acc_stride: usize,
+) {
+    if rows == 0 || channels.is_empty() || tokens == 0 {
+        return;
+    }
+    assert!(
+        (1..=8).contains(&bits),
+        "value_accumulate: bits {bits} outside 1..=8"
+    );
+    assert!(
+        channels.end * bits as usize <= row_bytes * 8,
+        "value_accumulate: channels {channels:?} overflow a {row_bytes}-byte row"
+    );
+    let last_chunk = (tokens - 1) * row_bytes + (channels.end - 1) / 8 * bits as usize;
+    assert!(
+        codes.len() >= last_chunk + CODE_PADDING,
+        "value_accumulate: code buffer lacks its padding"
+    );
+    assert!(
+        weights.len() >= (rows - 1) * w_stride + tokens,
+        "value_accumulate: weights too short"
+    );
+    assert!(
+        acc.len() >= (rows - 1) * acc_stride + channels.end,
+        "value_accumulate: accumulator too short"
+    );
+    let aligned = (channels.start * bits as usize) % 8 == 0;
+    for r0 in (0..rows).step_by(MAX_ROWS) {
+        let n = MAX_ROWS.min(rows - r0);
+        let w = &weights[r0 * w_stride..];
+        let a = &mut acc[r0 * acc_stride..];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if aligned && isa.is_available() => {
+                // SAFETY: features checked; bounds and alignment asserted above.
+                unsafe {
+                    avx512::value_accumulate(
+                        codes,
+                        row_bytes,
+                        bits,
+                        tokens,
+                        channels.clone(),
+                        w,
+                        w_stride,
+                        n,
+                        a,
+                        acc_stride,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if aligned && isa.is_available() => {
+                // SAFETY: features checked; bounds and alignment asserted above.
+                unsafe {
+                    avx2::value_accumulate(
+                        codes,
+                        row_bytes,
+                        bits,
+                        tokens,
+                        channels.clone(),
+                        w,
+                        w_stride,
+                        n,
+                        a,
+                        acc_stride,
+                    )
+                }
+            }
+            _ => scalar::value_accumulate(
+                codes,
+                row_bytes,
+                bits,
+                tokens,
+                channels.clone(),
+                w,
+                w_stride,
+                n,
+                a,
+                acc_stride,
+            ),
+        }
+    }
+}
+
+/// `exp(x)` for the softmax, accurate to a few ulp over `[−87, 88]` (and 0 below), written as
+/// branch-free arithmetic so that loops over it vectorise: `x = n·ln2 + r`, `|r| ≤ ln2/2`,
+/// `e^r` by its degree-6 Taylor polynomial, `2^n` built in the exponent bits.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+}
+
+/// Replaces `scores` by `exp(score − max)` and returns `(max, Σ exp)`: one block's share of a
+/// softmax, merged with the other blocks' by [`SoftmaxPart::merge`].
+pub fn softmax_block(isa: Isa, scores: &mut [f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && isa.is_available() {
+        // SAFETY: AVX2/FMA are implied by both SIMD paths being available.
+        return unsafe { softmax_block_avx2(scores) };
+    }
+    let _ = isa;
+    softmax_block_generic(scores)
+}
+
+#[inline(always)]
+fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    if scores.is_empty() {
+        return (max, 0.0);
+    }
+    let mut sums = [0.0f32; 8];
+    let mut chunks = scores.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (s, sum) in chunk.iter_mut().zip(sums.iter_mut()) {
+            *s = exp_f32(*s - max);
+            *sum += *s;
+        }
+    }
+    for s in chunks.into_remainder() {
+        *s = exp_f32(*s - max);
+        sums[0] += *s;
+    }
+    (max, sums.iter().sum())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_block_avx2(scores: &mut [f32]) -> (f32, f32) {
+    softmax_block_generic(scores)
+}
+
+/// `Σ_c a[c]·b[c]` with eight partial sums, so that it vectorises.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            sums[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// `acc[c] += w·x[c]`.
+#[inline(always)]
+pub fn axpy(w: f32, x: &[f32], acc: &mut [f32]) {
+    for (a, v) in acc.iter_mut().zip(x) {
+        *a += w * v;
+    }
+}
+
+/// One block's unnormalised softmax state: running max, sum of exponentials, and the rows'
+/// accumulated outputs scaled by `exp(−max)`.
+#[derive(Debug, Clone)]
+pub struct SoftmaxPart {
+    pub max: f32,
+    pub sum: f32,
+}
+
+impl SoftmaxPart {
+    /// Factors that bring two parts to a common max: `(common max, factor for a, factor for b)`.
+    pub fn merge(a: &SoftmaxPart, b: &SoftmaxPart) -> (SoftmaxPart, f32, f32) {
+        if a.sum == 0.0 {
+            return (b.clone(), 0.0, 1.0);
+        }
+        if b.sum == 0.0 {
+            return (a.clone(), 1.0, 0.0);
+        }
+        let max = a.max.max(b.max);
+        let fa = (a.max - max).exp();
+        let fb = (b.max - max).exp();
+        (
+            SoftmaxPart {
+                max,
+                sum: a.sum * fa + b.sum * fb,
+            },
+            fa,
+            fb,
+        )
+    }
+}

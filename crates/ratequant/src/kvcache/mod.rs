@@ -1,0 +1,846 @@
+//! A real mixed-precision KV cache: every unit (layer, KV head, K or V) stored bit-packed at its
+//! own bits and design, with attention computed directly on the codes.
+//!
+//! * Storage ([`store`]): codes and f16 scales/zero-points produced by the design's own
+//!   `encode`, so attention over this cache equals attention over `fake_quantize`d keys and
+//!   values (same residual semantics) up to float rounding.
+//! * Residual semantics (KIVI as published, applied per unit): KIVI keys stay in full precision
+//!   until a group of `G` tokens is complete, then the group is quantized per channel; every
+//!   per-token unit (KIVI values, QuaRot and RTN keys and values) keeps its `residual` most
+//!   recent tokens in full precision and quantizes a token when it leaves that window. The
+//!   query at position `p` sees the cache exactly as it was after token `p` was appended, also
+//!   inside a prefill block, so prefill in blocks equals appending token by token.
+//! * QuaRot: the stored codes are of Hadamard-rotated tokens; queries are rotated instead of
+//!   keys (scores are unchanged: the matrix is orthogonal) and the value output is rotated
+//!   back once per head.
+//! * Kernels ([`attention`]): per-channel keys fold their scales into the query, per-token
+//!   values accumulate `p·scale` per code and `p·zero` per group; softmax in f32, blockwise,
+//!   merged across blocks; threads over (KV head, query, block of tokens).
+//! * Memory ([`memory`]): exact bytes of codes, metadata, residual buffers and padding.
+
+pub mod attention;
+pub mod dense;
+pub mod memory;
+pub(crate) mod store;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::quant::{Kind, QuantizerSpec};
+use crate::{hadamard, Error, Result};
+pub use attention::Isa;
+use attention::SoftmaxPart;
+pub use memory::MemoryReport;
+use store::{KeyStore, Store, UnitCore, ValueStore};
+
+/// Default number of most recent tokens per-token units keep in full precision.
+pub const DEFAULT_RESIDUAL: usize = 128;
+
+/// Tokens per attention task: the unit of work spread over threads and of the blockwise softmax.
+const TASK_TOKENS: usize = 1024;
+/// Tokens whose value scales are prepared together in the value pass.
+const VALUE_SUB_BLOCK: usize = 64;
+
+/// Shape of the cache: the model's attention geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl CacheShape {
+    /// Number of units, `layers × kv_heads × 2`.
+    pub fn units(&self) -> usize {
+        self.layers * self.kv_heads * 2
+    }
+
+    /// Index of a unit in the per-unit table: layer, then head, K before V.
+    pub fn unit_index(&self, layer: usize, head: usize, kind: Kind) -> usize {
+        (layer * self.kv_heads + head) * 2 + usize::from(kind == Kind::V)
+    }
+}
+
+/// Design and bits of one unit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitFormat {
+    pub quantizer: QuantizerSpec,
+    pub bits: u8,
+}
+
+/// Attention parameters of one call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    /// Multiplier on `q·k` before the softmax (usually `head_dim^-0.5`).
+    pub scale: f32,
+    /// Only keys at positions `p − w < s ≤ p` are visible to the query at `p`, if set.
+    pub window: Option<usize>,
+}
+
+/// Full-precision rows of one unit visible to an attention call: rows of positions `base..`.
+#[derive(Clone, Copy)]
+struct FpRows<'a> {
+    base: usize,
+    rows: &'a [f32],
+}
+
+impl FpRows<'_> {
+    fn row(&self, pos: usize, d: usize) -> &[f32] {
+        let i = pos - self.base;
+        &self.rows[i * d..(i + 1) * d]
+    }
+}
+
+/// The packed cache of one model.
+pub struct PackedKvCache {
+    shape: CacheShape,
+    residual: usize,
+    isa: Isa,
+    keys: Vec<KeyStore>,
+    values: Vec<ValueStore>,
+    lens: Vec<usize>,
+}
+
+impl PackedKvCache {
+    /// A cache whose unit `i` ([`CacheShape::unit_index`]) uses `units[i]`; per-token units keep
+    /// the `residual` most recent tokens in full precision.
+    pub fn new(shape: CacheShape, units: &[UnitFormat], residual: usize) -> Result<PackedKvCache> {
+        if shape.layers == 0 || shape.kv_heads == 0 || shape.head_dim == 0 {
+            return Err(Error::invalid(format!(
+                "packed KV cache: layers, kv_heads and head_dim must be positive, got {shape:?}"
+            )));
+        }
+        if units.len() != shape.units() {
+            return Err(Error::invalid(format!(
+                "packed KV cache: {} layers × {} KV heads × (K, V) need {} unit formats, got {}",
+                shape.layers,
+                shape.kv_heads,
+                shape.units(),
+                units.len()
+            )));
+        }
+        let mut keys = Vec::with_capacity(shape.layers * shape.kv_heads);
+        let mut values = Vec::with_capacity(shape.layers * shape.kv_heads);
+        for layer in 0..shape.layers {
+            for head in 0..shape.kv_heads {
+                let k = &units[shape.unit_index(layer, head, Kind::K)];
+                let v = &units[shape.unit_index(layer, head, Kind::V)];
+                keys.push(KeyStore::new(
+                    &k.quantizer,
+                    k.bits,
+                    shape.head_dim,
+                    &format!("unit layer {layer} head {head} k"),
+                )?);
+                values.push(ValueStore::new(
+                    &v.quantizer,
+                    v.bits,
+                    shape.head_dim,
+                    &format!("unit layer {layer} head {head} v"),
+                )?);
+            }
+        }
+        Ok(PackedKvCache {
+            shape,
+            residual,
+            isa: Isa::detect(),
+            keys,
+            values,
+            lens: vec![0; shape.layers],
+        })
+    }
+
+    /// Every unit with the same design and bits.
+    pub fn uniform(
+        shape: CacheShape,
+        quantizer: &QuantizerSpec,
+        bits: u8,
+        residual: usize,
+    ) -> Result<PackedKvCache> {
+        let units = vec![
+            UnitFormat {
+                quantizer: quantizer.clone(),
+                bits
+            };
+            shape.units()
+        ];
+        PackedKvCache::new(shape, &units, residual)
+    }
+
+    pub fn shape(&self) -> CacheShape {
+        self.shape
+    }
+
+    pub fn residual(&self) -> usize {
+        self.residual
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Runs the kernels on `isa` (tests and benchmarks compare instruction sets).
+    pub fn set_isa(&mut self, isa: Isa) -> Result<()> {
+        if !isa.is_available() {
+            return Err(Error::invalid(format!(
+                "instruction set {} is not available on this CPU",
+                isa.name()
+            )));
+        }
+        self.isa = isa;
+        Ok(())
+    }
+
+    /// Tokens stored for `layer`.
+    pub fn len(&self, layer: usize) -> usize {
+        self.lens[layer]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lens.iter().all(|&n| n == 0)
+    }
+
+    /// Forgets everything (new sequence); allocations are kept.
+    pub fn reset(&mut self) {
+        self.lens.fill(0);
+        for k in &mut self.keys {
+            k.core.reset();
+        }
+        for v in &mut self.values {
+            v.core.reset();
+        }
+    }
+
+    /// Exact memory held, against an f16 cache of the same shape and length.
+    pub fn memory(&self) -> MemoryReport {
+        let cores = self
+            .keys
+            .iter()
+            .map(|k| &k.core)
+            .chain(self.values.iter().map(|v| &v.core));
+        memory::report(self.shape, &self.lens, cores)
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.shape.layers {
+            return Err(Error::invalid(format!(
+                "layer {layer} out of range: the cache has {} layers",
+                self.shape.layers
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_kv(&self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
+        let want = self.shape.kv_heads * tokens * self.shape.head_dim;
+        for (name, x) in [("k", k), ("v", v)] {
+            if x.len() != want {
+                return Err(Error::invalid(format!(
+                    "layer {layer} {name}: expected [kv_heads {}, tokens {tokens}, head_dim {}] = {want} values, got {}",
+                    self.shape.kv_heads,
+                    self.shape.head_dim,
+                    x.len()
+                )));
+            }
+            if let Some(i) = x.iter().position(|x| !x.is_finite()) {
+                let per_head = tokens * self.shape.head_dim;
+                return Err(Error::invalid(format!(
+                    "layer {layer} {name}: non-finite value {} at kv head {}, new token {}, channel {}",
+                    x[i],
+                    i / per_head,
+                    (i % per_head) / self.shape.head_dim,
+                    i % self.shape.head_dim
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_q(&self, q: &[f32], heads: usize, tokens: usize) -> Result<()> {
+        if heads == 0 || heads % self.shape.kv_heads != 0 {
+            return Err(Error::invalid(format!(
+                "query heads ({heads}) must be a positive multiple of the cache's KV heads ({})",
+                self.shape.kv_heads
+            )));
+        }
+        if q.len() != heads * tokens * self.shape.head_dim {
+            return Err(Error::invalid(format!(
+                "q: expected [heads {heads}, tokens {tokens}, head_dim {}] = {} values, got {}",
+                self.shape.head_dim,
+                heads * tokens * self.shape.head_dim,
+                q.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores `k`, `v` (`[kv_heads, tokens, head_dim]`) for `layer` without computing attention
+    /// (building a cache from a known prefix).
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
+        self.check_layer(layer)?;
+        self.check_kv(layer, k, v, tokens)?;
+        self.append_unchecked(layer, k, v, tokens, false)?;
+        Ok(())
+    }
+
+    /// Appends `k`, `v` (`[kv_heads, tokens, head_dim]`) for `layer` at positions
+    /// `len(layer)..len(layer)+tokens` and returns causal attention of `q`
+    /// (`[heads, tokens, head_dim]`, query head `h` reading KV head `h / (heads / kv_heads)`),
+    /// shape `[heads, tokens, head_dim]`.
+    pub fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        heads: usize,
+        k: &[f32],
+        v: &[f32],
+        tokens: usize,
+        params: &AttentionParams,
+    ) -> Result<Vec<f32>> {
+        self.check_layer(layer)?;
+        self.check_q(q, heads, tokens)?;
+        self.check_kv(layer, k, v, tokens)?;
+        let first = self.lens[layer];
+        let scratch = self.append_unchecked(layer, k, v, tokens, tokens > 1)?;
+        let d = self.shape.head_dim;
+        let range = layer * self.shape.kv_heads..(layer + 1) * self.shape.kv_heads;
+        let views: Vec<HeadView> = match &scratch {
+            Some(s) => self.keys[range.clone()]
+                .iter()
+                .zip(&self.values[range])
+                .zip(s)
+                .map(|((key, value), (ks, vs))| HeadView {
+                    key,
+                    value,
+                    k_fp: FpRows {
+                        base: ks.0,
+                        rows: &ks.1,
+                    },
+                    v_fp: FpRows {
+                        base: vs.0,
+                        rows: &vs.1,
+                    },
+                })
+                .collect(),
+            None => self.views(layer),
+        };
+        let _ = d;
+        Ok(self.attention(&views, q, heads, tokens, first, params))
+    }
+
+    /// Attention of one query per head (`q`: `[heads, head_dim]`) sitting at the last stored
+    /// position of `layer`, over what is stored; nothing is appended. This is the decode step's
+    /// attention after its token was appended.
+    pub fn attend_last(
+        &self,
+        layer: usize,
+        q: &[f32],
+        heads: usize,
+        params: &AttentionParams,
+    ) -> Result<Vec<f32>> {
+        self.check_layer(layer)?;
+        self.check_q(q, heads, 1)?;
+        let len = self.lens[layer];
+        if len == 0 {
+            return Err(Error::invalid(format!(
+                "layer {layer}: attention over an empty cache"
+            )));
+        }
+        let views = self.views(layer);
+        Ok(self.attention(&views, q, heads, 1, len - 1, params))
+    }
+
+    fn views(&self, layer: usize) -> Vec<HeadView<'_>> {
+        let d = self.shape.head_dim;
+        let range = layer * self.shape.kv_heads..(layer + 1) * self.shape.kv_heads;
+        self.keys[range.clone()]
+            .iter()
+            .zip(&self.values[range])
+            .map(|(key, value)| HeadView {
+                key,
+                value,
+                k_fp: FpRows {
+                    base: key.core.quantized,
+                    rows: key.core.residual.rows(d),
+                },
+                v_fp: FpRows {
+                    base: value.core.quantized,
+                    rows: value.core.residual.rows(d),
+                },
+            })
+            .collect()
+    }
+
+    /// Appends to every KV head of `layer`, quantizing what leaves the residual windows. With
+    /// `keep_scratch`, returns per head the full-precision rows from the oldest token that was
+    /// unquantized before this call, `((key base, rows), (value base, rows))`, which the
+    /// block's earlier queries still see in full precision.
+    #[allow(clippy::type_complexity)]
+    fn append_unchecked(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        tokens: usize,
+        keep_scratch: bool,
+    ) -> Result<Option<Vec<((usize, Vec<f32>), (usize, Vec<f32>))>>> {
+        let d = self.shape.head_dim;
+        let kv_heads = self.shape.kv_heads;
+        let residual = self.residual;
+        let old_len = self.lens[layer];
+        let per_head = tokens * d;
+        let range = layer * kv_heads..(layer + 1) * kv_heads;
+        let results: Vec<Result<_>> = self.keys[range.clone()]
+            .par_iter_mut()
+            .zip(self.values[range].par_iter_mut())
+            .enumerate()
+            .map(|(h, (key, value))| {
+                let kh = &k[h * per_head..(h + 1) * per_head];
+                let vh = &v[h * per_head..(h + 1) * per_head];
+                let ks = append_rows(key, kh, tokens, old_len, residual, keep_scratch)?;
+                let vs = append_rows(value, vh, tokens, old_len, residual, keep_scratch)?;
+                Ok((ks, vs))
+            })
+            .collect();
+        // Keep the bookkeeping consistent even if some head failed (inputs were validated, so
+        // a failure here is an internal error).
+        let mut scratch = Vec::with_capacity(kv_heads);
+        for r in results {
+            scratch.push(r?);
+        }
+        self.lens[layer] = old_len + tokens;
+        Ok(if keep_scratch {
+            Some(
+                scratch
+                    .into_iter()
+                    .map(|(k, v)| (k.unwrap(), v.unwrap()))
+                    .collect(),
+            )
+        } else {
+            None
+        })
+    }
+
+    fn attention(
+        &self,
+        views: &[HeadView],
+        q: &[f32],
+        heads: usize,
+        tokens: usize,
+        first: usize,
+        params: &AttentionParams,
+    ) -> Vec<f32> {
+        let d = self.shape.head_dim;
+        let kv_heads = self.shape.kv_heads;
+        let rows = heads / kv_heads;
+        let isa = self.isa;
+        let residual = self.residual;
+        // Per (KV head, query): the query rows, scaled, rotated for QuaRot keys.
+        let preps: Vec<QueryPrep> = (0..kv_heads * tokens)
+            .into_par_iter()
+            .map(|hi| {
+                let (h, i) = (hi / tokens, hi % tokens);
+                QueryPrep::new(
+                    &views[h].key.core,
+                    q,
+                    h * rows,
+                    rows,
+                    tokens,
+                    i,
+                    d,
+                    params.scale,
+                )
+            })
+            .collect();
+        let mut tasks = Vec::new();
+        for h in 0..kv_heads {
+            for i in 0..tokens {
+                let p = first + i;
+                let start = params.window.map_or(0, |w| (p + 1).saturating_sub(w));
+                let mut a = start;
+                while a <= p {
+                    let b = ((a / TASK_TOKENS + 1) * TASK_TOKENS).min(p + 1);
+                    tasks.push((h, i, a, b));
+                    a = b;
+                }
+            }
+        }
+        let parts: Vec<TaskOut> = tasks
+            .par_iter()
+            .map(|&(h, i, a, b)| {
+                run_task(
+                    isa,
+                    &views[h],
+                    &preps[h * tokens + i],
+                    first + i,
+                    a,
+                    b,
+                    d,
+                    residual,
+                )
+            })
+            .collect();
+        // Merge each (KV head, query)'s blocks; tasks are in (h, i) order.
+        let mut out = vec![0.0f32; heads * tokens * d];
+        let mut at = 0;
+        while at < parts.len() {
+            let (h, i) = (tasks[at].0, tasks[at].1);
+            let mut end = at + 1;
+            while end < parts.len() && tasks[end].0 == h && tasks[end].1 == i {
+                end += 1;
+            }
+            let rotated = views[h].value.core.layout.rotated;
+            for r in 0..rows {
+                let mut state = SoftmaxPart {
+                    max: f32::NEG_INFINITY,
+                    sum: 0.0,
+                };
+                let mut acc_q = vec![0.0f32; d];
+                let mut acc_fp = vec![0.0f32; d];
+                for part in &parts[at..end] {
+                    let (merged, fa, fb) = SoftmaxPart::merge(&state, &part.softmax[r]);
+                    for c in 0..d {
+                        acc_q[c] = acc_q[c] * fa + part.acc_q[r * d + c] * fb;
+                        acc_fp[c] = acc_fp[c] * fa + part.acc_fp[r * d + c] * fb;
+                    }
+                    state = merged;
+                }
+                if rotated {
+                    hadamard::fwht_normalized(&mut acc_q)
+                        .expect("quarot units have power-of-two head_dim");
+                }
+                let head = h * rows + r;
+                let dst = &mut out[(head * tokens + i) * d..(head * tokens + i + 1) * d];
+                let inv = 1.0 / state.sum;
+                for c in 0..d {
+                    dst[c] = (acc_q[c] + acc_fp[c]) * inv;
+                }
+            }
+            at = end;
+        }
+        out
+    }
+}
+
+/// The stores of one KV head as one attention call sees them.
+struct HeadView<'a> {
+    key: &'a KeyStore,
+    value: &'a ValueStore,
+    k_fp: FpRows<'a>,
+    v_fp: FpRows<'a>,
+}
+
+/// Appends `tokens` rows to one unit and quantizes what its residual rule says. Returns the
+/// scratch rows `(base, rows)` when `keep_scratch`.
+#[allow(clippy::too_many_arguments)]
+fn append_rows<S: Store>(
+    store: &mut S,
+    new_rows: &[f32],
+    tokens: usize,
+    old_len: usize,
+    residual: usize,
+    keep_scratch: bool,
+) -> Result<Option<(usize, Vec<f32>)>> {
+    let d = store.core().head_dim;
+    let old_q = store.core().quantized;
+    let new_q = store
+        .core()
+        .layout
+        .quantized_len(old_len + tokens, residual);
+    let leaving = new_q - old_q;
+    if keep_scratch {
+        let mut scratch = store.core().residual.rows(d).to_vec();
+        scratch.extend_from_slice(new_rows);
+        store.quantize(&scratch[..leaving * d], leaving)?;
+        let core = store.core_mut();
+        core.residual.clear();
+        core.residual.push(&scratch[leaving * d..]);
+        Ok(Some((old_q, scratch)))
+    } else {
+        store.core_mut().residual.push(new_rows);
+        if leaving > 0 {
+            let residual_rows = std::mem::take(&mut store.core_mut().residual);
+            let result = store.quantize(&residual_rows.rows(d)[..leaving * d], leaving);
+            let core = store.core_mut();
+            core.residual = residual_rows;
+            result?;
+            core.residual.drop_front(leaving, d);
+        }
+        Ok(None)
+    }
+}
+
+/// One (KV head, query)'s rows prepared for the kernels.
+struct QueryPrep {
+    rows: usize,
+    /// `rows × head_dim`, scaled by the softmax scale.
+    q: Vec<f32>,
+    /// The same rows as the packed keys see them: rotated for QuaRot, else a copy.
+    q_packed: Vec<f32>,
+    /// Per-token keys: `rows × channel groups` sums of `q_packed` over each group.
+    q_group_sums: Vec<f32>,
+}
+
+impl QueryPrep {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        key: &UnitCore,
+        q: &[f32],
+        first_head: usize,
+        rows: usize,
+        tokens: usize,
+        i: usize,
+        d: usize,
+        scale: f32,
+    ) -> QueryPrep {
+        let mut qs = Vec::with_capacity(rows * d);
+        for r in 0..rows {
+            let at = ((first_head + r) * tokens + i) * d;
+            qs.extend(q[at..at + d].iter().map(|x| x * scale));
+        }
+        let mut q_packed = qs.clone();
+        if key.layout.rotated {
+            for row in q_packed.chunks_exact_mut(d) {
+                hadamard::fwht_normalized(row).expect("quarot units have power-of-two head_dim");
+            }
+        }
+        let mut q_group_sums = Vec::new();
+        if !key.layout.per_channel {
+            let g = key.layout.group;
+            for row in q_packed.chunks_exact(d) {
+                q_group_sums.extend(row.chunks(g).map(|c| c.iter().sum::<f32>()));
+            }
+        }
+        QueryPrep {
+            rows,
+            q: qs,
+            q_packed,
+            q_group_sums,
+        }
+    }
+}
+
+struct TaskOut {
+    softmax: Vec<SoftmaxPart>,
+    acc_q: Vec<f32>,
+    acc_fp: Vec<f32>,
+}
+
+/// Attention of one (KV head, query at position `p`) over positions `a..b`: scores, the
+/// block's softmax, and the value accumulation (packed part in `acc_q`, which is in the
+/// rotated domain for QuaRot values; full-precision part in `acc_fp`).
+#[allow(clippy::too_many_arguments)]
+fn run_task(
+    isa: Isa,
+    view: &HeadView,
+    prep: &QueryPrep,
+    p: usize,
+    a: usize,
+    b: usize,
+    d: usize,
+    residual: usize,
+) -> TaskOut {
+    let rows = prep.rows;
+    let len = b - a;
+    let mut scores = vec![0.0f32; rows * len];
+    let key = &view.key.core;
+    let kq = key.layout.quantized_len(p + 1, residual);
+    let packed_end = b.min(kq);
+    if a < packed_end {
+        packed_key_scores(isa, view.key, prep, a, packed_end, &mut scores, len);
+    }
+    for pos in a.max(kq)..b {
+        let row = view.k_fp.row(pos, d);
+        for r in 0..rows {
+            scores[r * len + pos - a] = attention::dot(&prep.q[r * d..(r + 1) * d], row);
+        }
+    }
+    let softmax: Vec<SoftmaxPart> = scores
+        .chunks_exact_mut(len)
+        .map(|row| {
+            let (max, sum) = attention::softmax_block(isa, row);
+            SoftmaxPart { max, sum }
+        })
+        .collect();
+    let mut acc_q = vec![0.0f32; rows * d];
+    let mut acc_fp = vec![0.0f32; rows * d];
+    let value = &view.value.core;
+    let vq = value.layout.quantized_len(p + 1, residual);
+    let packed_end = b.min(vq);
+    if a < packed_end {
+        packed_values(
+            isa, view.value, &scores, len, a, packed_end, rows, &mut acc_q,
+        );
+    }
+    for pos in a.max(vq)..b {
+        let row = view.v_fp.row(pos, d);
+        for r in 0..rows {
+            attention::axpy(
+                scores[r * len + pos - a],
+                row,
+                &mut acc_fp[r * d..(r + 1) * d],
+            );
+        }
+    }
+    TaskOut {
+        softmax,
+        acc_q,
+        acc_fp,
+    }
+}
+
+fn to_f32(src: &[f16], dst: &mut Vec<f32>) {
+    dst.clear();
+    dst.resize(src.len(), 0.0);
+    src.convert_to_f32_slice(dst);
+}
+
+/// Scores of positions `a..e` (all quantized) into `scores[r·len + pos − a0]`, where `a0 = a`.
+fn packed_key_scores(
+    isa: Isa,
+    key: &KeyStore,
+    prep: &QueryPrep,
+    a: usize,
+    e: usize,
+    scores: &mut [f32],
+    len: usize,
+) {
+    let core = &key.core;
+    let d = core.head_dim;
+    let rows = prep.rows;
+    let t_block = key.block_tokens;
+    let block_bytes = key.block_bytes();
+    let mut s = Vec::new();
+    let mut z = Vec::new();
+    let mut w = vec![0.0f32; rows * d];
+    let mut bias = vec![0.0f32; rows];
+    let mut tmp = Vec::new();
+    for blk in a / t_block..e.div_ceil(t_block) {
+        let blk_start = blk * t_block;
+        let lo = a.max(blk_start) - blk_start;
+        let hi = e.min(blk_start + t_block) - blk_start;
+        let codes = &core.codes[blk * block_bytes..];
+        let out_at = blk_start + lo - a;
+        if core.layout.per_channel {
+            // score = Σ_c (q_c·s_c)·code_c + Σ_c q_c·z_c: the block's scales fold into the query.
+            to_f32(&core.scales[0][blk * d..(blk + 1) * d], &mut s);
+            to_f32(&core.zeros[0][blk * d..(blk + 1) * d], &mut z);
+            for r in 0..rows {
+                let qr = &prep.q_packed[r * d..(r + 1) * d];
+                for c in 0..d {
+                    w[r * d + c] = qr[c] * s[c];
+                }
+                bias[r] = attention::dot(qr, &z);
+            }
+            attention::key_scores(
+                isa,
+                codes,
+                key.slot_bytes,
+                core.bits,
+                0..d,
+                lo..hi,
+                &w,
+                d,
+                rows,
+                &mut scores[out_at..],
+                len,
+            );
+            for r in 0..rows {
+                for x in &mut scores[r * len + out_at..r * len + out_at + hi - lo] {
+                    *x += bias[r];
+                }
+            }
+        } else {
+            // score = Σ_g s_g·(Σ_{c∈g} q_c·code_c) + z_g·(Σ_{c∈g} q_c), per token.
+            let g_size = core.layout.group;
+            let n = hi - lo;
+            tmp.clear();
+            tmp.resize(rows * n, 0.0);
+            for (g, c0) in (0..d).step_by(g_size).enumerate() {
+                let c1 = (c0 + g_size).min(d);
+                attention::key_scores(
+                    isa,
+                    codes,
+                    key.slot_bytes,
+                    core.bits,
+                    c0..c1,
+                    lo..hi,
+                    &prep.q_packed,
+                    d,
+                    rows,
+                    &mut tmp,
+                    n,
+                );
+                to_f32(&core.scales[g][blk_start + lo..blk_start + hi], &mut s);
+                to_f32(&core.zeros[g][blk_start + lo..blk_start + hi], &mut z);
+                for r in 0..rows {
+                    let qsum = prep.q_group_sums[r * core.layout.channel_groups(d) + g];
+                    let dst = &mut scores[r * len + out_at..r * len + out_at + n];
+                    for t in 0..n {
+                        dst[t] += s[t] * tmp[r * n + t] + z[t] * qsum;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accumulates `Σ_pos p[r][pos]·v[pos]` over quantized positions `a..e` into `acc`
+/// (`rows × head_dim`), where `p[r][pos] = probs[r·len + pos − a]`.
+#[allow(clippy::too_many_arguments)]
+fn packed_values(
+    isa: Isa,
+    value: &ValueStore,
+    probs: &[f32],
+    len: usize,
+    a: usize,
+    e: usize,
+    rows: usize,
+    acc: &mut [f32],
+) {
+    let core = &value.core;
+    let d = core.head_dim;
+    let g_size = core.layout.group;
+    let groups = core.layout.channel_groups(d);
+    let mut s = Vec::new();
+    let mut z = Vec::new();
+    let mut ps = vec![0.0f32; rows * VALUE_SUB_BLOCK];
+    let mut zacc = vec![0.0f32; rows * groups];
+    let mut t0 = a;
+    while t0 < e {
+        let t1 = (t0 + VALUE_SUB_BLOCK).min(e);
+        let n = t1 - t0;
+        let codes = &core.codes[t0 * value.row_bytes..];
+        for (g, c0) in (0..d).step_by(g_size).enumerate() {
+            let c1 = (c0 + g_size).min(d);
+            to_f32(&core.scales[g][t0..t1], &mut s);
+            to_f32(&core.zeros[g][t0..t1], &mut z);
+            for r in 0..rows {
+                let p = &probs[r * len + t0 - a..r * len + t1 - a];
+                for t in 0..n {
+                    ps[r * n + t] = p[t] * s[t];
+                }
+                zacc[r * groups + g] += attention::dot(p, &z);
+            }
+            attention::value_accumulate(
+                isa,
+                codes,
+                value.row_bytes,
+                core.bits,
+                n,
+                c0..c1,
+                &ps,
+                n,
+                rows,
+                acc,
+                d,
+            );
+        }
+        t0 = t1;
+    }
+    for r in 0..rows {
+        for c in 0..d {
+            acc[r * d + c] += zacc[r * groups + c / g_size];
+        }
+    }
+}
