@@ -4,10 +4,18 @@
 //! [`fit`] (`D_i(b) = α_i·β^(−b)`) → [`allocate`] (reverse water-filling + exact integer
 //! rounding) → [`formats`] (CALIB.json / PLAN.json).
 
+pub mod allocate;
+pub mod atomic;
+pub mod bits;
+pub mod distortion;
 pub mod error;
+pub mod fit;
+pub mod formats;
 pub mod hadamard;
 pub mod kvcache;
+pub mod kvfile;
 pub mod pack;
+pub mod plan;
 pub mod quant;
 
 pub use error::{Error, Result};

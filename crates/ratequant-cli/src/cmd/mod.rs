@@ -1,0 +1,4 @@
+//! One module per command, each exposing `<Name>Args` and `run`.
+
+pub mod allocate;
+pub mod fit;
