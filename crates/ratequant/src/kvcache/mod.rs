@@ -465,19 +465,17 @@ impl PackedKvCache {
                 }
             }
         }
+        let glue_avx2 = isa != Isa::Scalar && Isa::Avx2.is_available();
         let parts: Vec<TaskOut> = tasks
             .par_iter()
             .map(|&(h, i, a, b)| {
-                run_task(
-                    isa,
-                    &views[h],
-                    &preps[h * tokens + i],
-                    first + i,
-                    a,
-                    b,
-                    d,
-                    residual,
-                )
+                let (view, prep, p) = (&views[h], &preps[h * tokens + i], first + i);
+                #[cfg(target_arch = "x86_64")]
+                if glue_avx2 {
+                    // SAFETY: AVX2, FMA and F16C were detected.
+                    return unsafe { run_task_avx2(isa, view, prep, p, a, b, d, residual) };
+                }
+                run_task(isa, view, prep, p, a, b, d, residual)
             })
             .collect();
         // Merge each (KV head, query)'s blocks; tasks are in (h, i) order.
@@ -626,9 +624,28 @@ struct TaskOut {
     acc_fp: Vec<f32>,
 }
 
+/// [`run_task`] with its glue loops (scale folding, per-token scales, softmax) compiled for
+/// AVX2; the kernels it calls dispatch on `isa` themselves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn run_task_avx2(
+    isa: Isa,
+    view: &HeadView,
+    prep: &QueryPrep,
+    p: usize,
+    a: usize,
+    b: usize,
+    d: usize,
+    residual: usize,
+) -> TaskOut {
+    run_task(isa, view, prep, p, a, b, d, residual)
+}
+
 /// Attention of one (KV head, query at position `p`) over positions `a..b`: scores, the
 /// block's softmax, and the value accumulation (packed part in `acc_q`, which is in the
 /// rotated domain for QuaRot values; full-precision part in `acc_fp`).
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn run_task(
     isa: Isa,
@@ -696,6 +713,7 @@ fn to_f32(src: &[f16], dst: &mut Vec<f32>) {
 }
 
 /// Scores of positions `a..e` (all quantized) into `scores[r·len + pos − a0]`, where `a0 = a`.
+#[inline(always)]
 fn packed_key_scores(
     isa: Isa,
     key: &KeyStore,
@@ -787,6 +805,7 @@ fn packed_key_scores(
 
 /// Accumulates `Σ_pos p[r][pos]·v[pos]` over quantized positions `a..e` into `acc`
 /// (`rows × head_dim`), where `p[r][pos] = probs[r·len + pos − a]`.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn packed_values(
     isa: Isa,

@@ -1,22 +1,29 @@
 //! AVX2 + FMA kernels: 8 codes per vector.
 //!
-//! Unpacking eight `b`-bit codes (which always fill exactly `b` bytes): load 8 bytes,
-//! broadcast them to both 128-bit halves, let `vpshufb` give each 32-bit lane the two bytes
-//! its code starts in, shift each lane right by its own bit offset (`vpsrlvd`), mask, convert
-//! to f32. One constant set per bit-width serves every position, since eight codes always
-//! start on a byte boundary.
+//! Eight `b`-bit codes always fill exactly `b` whole bytes, so one constant set per bit-width
+//! serves every position. Up to 4 bits they fit one 32-bit word ([`WordUnpack`]: broadcast,
+//! per-lane shift, mask, convert); wider codes take one byte shuffle more ([`ShuffleUnpack`]).
 
 use std::arch::x86_64::*;
 
-struct Unpack {
+/// Turns eight consecutive `b`-bit codes (always `b` whole bytes) into eight f32 lanes.
+trait Unpack8 {
+    unsafe fn new(bits: u8) -> Self;
+    /// Eight codes starting at byte `p`.
+    unsafe fn load(&self, p: *const u8) -> __m256;
+}
+
+/// Any width: load 8 bytes, broadcast them to both 128-bit halves, `vpshufb` gives each lane
+/// the two bytes its code starts in, `vpsrlvd` shifts each lane by its bit offset, mask.
+struct ShuffleUnpack {
     ctrl: __m256i,
     shifts: __m256i,
     mask: __m256i,
 }
 
-impl Unpack {
-    #[target_feature(enable = "avx2")]
-    fn new(bits: u8) -> Unpack {
+impl Unpack8 for ShuffleUnpack {
+    #[inline(always)]
+    unsafe fn new(bits: u8) -> Self {
         let b = bits as usize;
         let mut ctrl = [0x80u8; 32];
         let mut shifts = [0i32; 8];
@@ -30,17 +37,14 @@ impl Unpack {
             ctrl[at + 1] = byte + 1;
             shifts[lane] = (bit % 8) as i32;
         }
-        // SAFETY: plain unaligned loads from local arrays of the right size.
-        unsafe {
-            Unpack {
-                ctrl: _mm256_loadu_si256(ctrl.as_ptr() as *const __m256i),
-                shifts: _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
-                mask: _mm256_set1_epi32((1i32 << bits) - 1),
-            }
+        ShuffleUnpack {
+            ctrl: _mm256_loadu_si256(ctrl.as_ptr() as *const __m256i),
+            shifts: _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
+            mask: _mm256_set1_epi32((1i32 << bits) - 1),
         }
     }
 
-    /// Eight codes starting at byte `p` (reads 8 bytes).
+    /// Reads 8 bytes.
     #[inline(always)]
     unsafe fn load(&self, p: *const u8) -> __m256 {
         let raw = _mm_loadl_epi64(p as *const __m128i);
@@ -51,11 +55,101 @@ impl Unpack {
     }
 }
 
+/// Up to 4 bits: the eight codes fit one 32-bit word, so broadcast that word to every lane
+/// and shift lane `i` right by `i·b` — no shuffle.
+struct WordUnpack {
+    shifts: __m256i,
+    mask: __m256i,
+}
+
+impl Unpack8 for WordUnpack {
+    #[inline(always)]
+    unsafe fn new(bits: u8) -> Self {
+        debug_assert!(bits <= 4);
+        let b = bits as i32;
+        WordUnpack {
+            shifts: _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b),
+            mask: _mm256_set1_epi32((1i32 << bits) - 1),
+        }
+    }
+
+    /// Reads 4 bytes.
+    #[inline(always)]
+    unsafe fn load(&self, p: *const u8) -> __m256 {
+        let word = _mm256_set1_epi32((p as *const i32).read_unaligned());
+        _mm256_cvtepi32_ps(_mm256_and_si256(
+            _mm256_srlv_epi32(word, self.shifts),
+            self.mask,
+        ))
+    }
+}
+
+/// Scores of `NC` chunks of 8 tokens starting at token `t0` into `acc`, for `R` rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_pass<const R: usize, const NC: usize, U: Unpack8>(
+    unpack: &U,
+    codes: *const u8,
+    slot_bytes: usize,
+    b: usize,
+    c0: usize,
+    c1: usize,
+    t0: usize,
+    w: *const f32,
+    w_stride: usize,
+) -> [[__m256; NC]; R] {
+    let mut acc = [[_mm256_setzero_ps(); NC]; R];
+    let mut p = codes.add(c0 * slot_bytes + t0 * b / 8);
+    for c in c0..c1 {
+        let mut wr = [_mm256_setzero_ps(); R];
+        for (r, x) in wr.iter_mut().enumerate() {
+            *x = _mm256_broadcast_ss(&*w.add(r * w_stride + c));
+        }
+        for k in 0..NC {
+            let v = unpack.load(p.add(k * b));
+            for r in 0..R {
+                acc[r][k] = _mm256_fmadd_ps(wr[r], v, acc[r][k]);
+            }
+        }
+        p = p.add(slot_bytes);
+    }
+    acc
+}
+
+/// Stores the lanes of `acc` (chunks from token `t0`) that fall in `t_begin..t_end`.
+#[inline(always)]
+unsafe fn store_scores<const R: usize, const NC: usize>(
+    acc: &[[__m256; NC]; R],
+    t0: usize,
+    t_begin: usize,
+    t_end: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    for k in 0..NC {
+        let base = t0 + 8 * k;
+        let lo = t_begin.max(base);
+        let hi = t_end.min(base + 8);
+        for (r, acc_r) in acc.iter().enumerate() {
+            let dst = out.add(r * out_stride);
+            if lo == base && hi == base + 8 {
+                _mm256_storeu_ps(dst.add(base - t_begin), acc_r[k]);
+            } else if lo < hi {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc_r[k]);
+                for t in lo..hi {
+                    *dst.add(t - t_begin) = tmp[t - base];
+                }
+            }
+        }
+    }
+}
+
 /// See [`super::key_scores`]. `R` query rows, `NC` chunks of 8 tokens per pass (independent
 /// accumulators hide the FMA latency).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn key_scores_rows<const R: usize, const NC: usize>(
+unsafe fn key_scores_rows<const R: usize, const NC: usize, U: Unpack8>(
     codes: *const u8,
     slot_bytes: usize,
     bits: u8,
@@ -68,58 +162,85 @@ unsafe fn key_scores_rows<const R: usize, const NC: usize>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    let unpack = Unpack::new(bits);
+    let unpack = U::new(bits);
     let b = bits as usize;
     let end8 = t_end.div_ceil(8) * 8;
     let mut t0 = t_begin / 8 * 8;
     // Full passes of NC chunks, then single chunks, never reading past the last chunk.
+    while t0 + NC * 8 <= end8 {
+        let acc = key_pass::<R, NC, U>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
+        store_scores::<R, NC>(&acc, t0, t_begin, t_end, out, out_stride);
+        t0 += NC * 8;
+    }
     while t0 < t_end {
-        let nc = if t0 + NC * 8 <= end8 { NC } else { 1 };
-        let mut acc = [[_mm256_setzero_ps(); NC]; R];
-        let mut p = codes.add(c0 * slot_bytes + t0 * b / 8);
-        for c in c0..c1 {
-            if nc == NC {
-                for k in 0..NC {
-                    let v = unpack.load(p.add(k * b));
-                    for r in 0..R {
-                        let wr = _mm256_broadcast_ss(&*w.add(r * w_stride + c));
-                        acc[r][k] = _mm256_fmadd_ps(wr, v, acc[r][k]);
-                    }
-                }
-            } else {
-                let v = unpack.load(p);
-                for r in 0..R {
-                    let wr = _mm256_broadcast_ss(&*w.add(r * w_stride + c));
-                    acc[r][0] = _mm256_fmadd_ps(wr, v, acc[r][0]);
-                }
-            }
-            p = p.add(slot_bytes);
+        let acc = key_pass::<R, 1, U>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
+        store_scores::<R, 1>(&acc, t0, t_begin, t_end, out, out_stride);
+        t0 += 8;
+    }
+}
+
+/// `NC` chunks of 8 channels from channel `ch`, accumulated over `tokens` rows, for `R` rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_pass<const R: usize, const NC: usize, U: Unpack8>(
+    unpack: &U,
+    codes: *const u8,
+    row_bytes: usize,
+    b: usize,
+    tokens: usize,
+    ch: usize,
+    w: *const f32,
+    w_stride: usize,
+) -> [[__m256; NC]; R] {
+    let mut acc = [[_mm256_setzero_ps(); NC]; R];
+    let mut p = codes.add(ch * b / 8);
+    for t in 0..tokens {
+        let mut v = [_mm256_setzero_ps(); NC];
+        for (k, vk) in v.iter_mut().enumerate() {
+            *vk = unpack.load(p.add(k * b));
         }
-        for k in 0..nc {
-            let base = t0 + 8 * k;
-            let lo = t_begin.max(base);
-            let hi = t_end.min(base + 8);
-            for r in 0..R {
-                let dst = out.add(r * out_stride);
-                if lo == base && hi == base + 8 {
-                    _mm256_storeu_ps(dst.add(base - t_begin), acc[r][k]);
-                } else if lo < hi {
-                    let mut tmp = [0f32; 8];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r][k]);
-                    for t in lo..hi {
-                        *dst.add(t - t_begin) = tmp[t - base];
-                    }
-                }
+        for r in 0..R {
+            let wr = _mm256_broadcast_ss(&*w.add(r * w_stride + t));
+            for k in 0..NC {
+                acc[r][k] = _mm256_fmadd_ps(wr, v[k], acc[r][k]);
             }
         }
-        t0 += nc * 8;
+        p = p.add(row_bytes);
+    }
+    acc
+}
+
+/// Adds the lanes of `acc` (chunks from channel `ch`) below `c1` into the accumulator rows.
+#[inline(always)]
+unsafe fn add_values<const R: usize, const NC: usize>(
+    acc: &[[__m256; NC]; R],
+    ch: usize,
+    c1: usize,
+    acc_out: *mut f32,
+    acc_stride: usize,
+) {
+    for k in 0..NC {
+        let base = ch + 8 * k;
+        let hi = c1.min(base + 8);
+        for (r, acc_r) in acc.iter().enumerate() {
+            let dst = acc_out.add(r * acc_stride + base);
+            if hi == base + 8 {
+                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc_r[k]));
+            } else if base < hi {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc_r[k]);
+                for (i, v) in tmp.iter().take(hi - base).enumerate() {
+                    *dst.add(i) += v;
+                }
+            }
+        }
     }
 }
 
 /// See [`super::value_accumulate`]. `R` rows, `NC` chunks of 8 channels per pass.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn value_accumulate_rows<const R: usize, const NC: usize>(
+unsafe fn value_accumulate_rows<const R: usize, const NC: usize, U: Unpack8>(
     codes: *const u8,
     row_bytes: usize,
     bits: u8,
@@ -131,66 +252,42 @@ unsafe fn value_accumulate_rows<const R: usize, const NC: usize>(
     acc_out: *mut f32,
     acc_stride: usize,
 ) {
-    let unpack = Unpack::new(bits);
+    let unpack = U::new(bits);
     let b = bits as usize;
     let end8 = c0 + (c1 - c0).div_ceil(8) * 8;
     let mut ch = c0;
+    while ch + NC * 8 <= end8 {
+        let acc = value_pass::<R, NC, U>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
+        add_values::<R, NC>(&acc, ch, c1, acc_out, acc_stride);
+        ch += NC * 8;
+    }
     while ch < c1 {
-        let nc = if ch + NC * 8 <= end8 { NC } else { 1 };
-        let mut acc = [[_mm256_setzero_ps(); NC]; R];
-        let mut p = codes.add(ch * b / 8);
-        for t in 0..tokens {
-            if nc == NC {
-                let mut v = [_mm256_setzero_ps(); NC];
-                for (k, vk) in v.iter_mut().enumerate() {
-                    *vk = unpack.load(p.add(k * b));
-                }
-                for r in 0..R {
-                    let wr = _mm256_broadcast_ss(&*w.add(r * w_stride + t));
-                    for k in 0..NC {
-                        acc[r][k] = _mm256_fmadd_ps(wr, v[k], acc[r][k]);
-                    }
-                }
-            } else {
-                let v = unpack.load(p);
-                for r in 0..R {
-                    let wr = _mm256_broadcast_ss(&*w.add(r * w_stride + t));
-                    acc[r][0] = _mm256_fmadd_ps(wr, v, acc[r][0]);
-                }
-            }
-            p = p.add(row_bytes);
-        }
-        for k in 0..nc {
-            let base = ch + 8 * k;
-            let hi = c1.min(base + 8);
-            for r in 0..R {
-                let dst = acc_out.add(r * acc_stride + base);
-                if hi == base + 8 {
-                    _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc[r][k]));
-                } else {
-                    let mut tmp = [0f32; 8];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r][k]);
-                    for (i, v) in tmp.iter().take(hi - base).enumerate() {
-                        *dst.add(i) += v;
-                    }
-                }
-            }
-        }
-        ch += nc * 8;
+        let acc = value_pass::<R, 1, U>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
+        add_values::<R, 1>(&acc, ch, c1, acc_out, acc_stride);
+        ch += 8;
     }
 }
 
 macro_rules! dispatch_rows {
-    ($f:ident, $rows:expr, ($($arg:expr),*)) => {
+    ($f:ident, $rows:expr, $bits:expr, ($($arg:expr),*)) => {
+        if $bits <= 4 {
+            dispatch_rows!(@rows $f, WordUnpack, $rows, ($($arg),*))
+        } else {
+            dispatch_rows!(@rows $f, ShuffleUnpack, $rows, ($($arg),*))
+        }
+    };
+    (@rows $f:ident, $u:ty, $rows:expr, ($($arg:expr),*)) => {
         match $rows {
-            1 => $f::<1, 4>($($arg),*),
-            2 => $f::<2, 4>($($arg),*),
-            3 => $f::<3, 4>($($arg),*),
-            4 => $f::<4, 3>($($arg),*),
-            5 => $f::<5, 2>($($arg),*),
-            6 => $f::<6, 2>($($arg),*),
-            7 => $f::<7, 1>($($arg),*),
-            8 => $f::<8, 1>($($arg),*),
+            // R·NC accumulators plus the three unpack constants and temporaries stay
+            // within the 16 ymm registers.
+            1 => $f::<1, 4, $u>($($arg),*),
+            2 => $f::<2, 3, $u>($($arg),*),
+            3 => $f::<3, 2, $u>($($arg),*),
+            4 => $f::<4, 2, $u>($($arg),*),
+            5 => $f::<5, 1, $u>($($arg),*),
+            6 => $f::<6, 1, $u>($($arg),*),
+            7 => $f::<7, 1, $u>($($arg),*),
+            8 => $f::<8, 1, $u>($($arg),*),
             n => unreachable!("row batches hold 1..=8 rows, got {n}"),
         }
     };
@@ -215,6 +312,7 @@ pub(super) unsafe fn key_scores(
     dispatch_rows!(
         key_scores_rows,
         rows,
+        bits,
         (
             codes.as_ptr(),
             slot_bytes,
@@ -249,6 +347,7 @@ pub(super) unsafe fn value_accumulate(
     dispatch_rows!(
         value_accumulate_rows,
         rows,
+        bits,
         (
             codes.as_ptr(),
             row_bytes,

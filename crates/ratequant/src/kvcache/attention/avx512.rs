@@ -50,6 +50,67 @@ impl Unpack {
     }
 }
 
+/// Scores of `NC` chunks of 16 tokens starting at token `t0` into `acc`, for `R` rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_pass<const R: usize, const NC: usize>(
+    unpack: &Unpack,
+    codes: *const u8,
+    slot_bytes: usize,
+    b: usize,
+    c0: usize,
+    c1: usize,
+    t0: usize,
+    w: *const f32,
+    w_stride: usize,
+) -> [[__m512; NC]; R] {
+    let mut acc = [[_mm512_setzero_ps(); NC]; R];
+    let mut p = codes.add(c0 * slot_bytes + t0 * b / 8);
+    for c in c0..c1 {
+        let mut wr = [_mm512_setzero_ps(); R];
+        for (r, x) in wr.iter_mut().enumerate() {
+            *x = _mm512_set1_ps(*w.add(r * w_stride + c));
+        }
+        for k in 0..NC {
+            let v = unpack.load(p.add(k * 2 * b));
+            for r in 0..R {
+                acc[r][k] = _mm512_fmadd_ps(wr[r], v, acc[r][k]);
+            }
+        }
+        p = p.add(slot_bytes);
+    }
+    acc
+}
+
+/// Stores the lanes of `acc` (chunks from token `t0`) that fall in `t_begin..t_end`.
+#[inline(always)]
+unsafe fn store_scores<const R: usize, const NC: usize>(
+    acc: &[[__m512; NC]; R],
+    t0: usize,
+    t_begin: usize,
+    t_end: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    for k in 0..NC {
+        let base = t0 + 16 * k;
+        let lo = t_begin.max(base);
+        let hi = t_end.min(base + 16);
+        for (r, acc_r) in acc.iter().enumerate() {
+            let dst = out.add(r * out_stride);
+            if lo == base && hi == base + 16 {
+                _mm512_storeu_ps(dst.add(base - t_begin), acc_r[k]);
+            } else if lo < hi {
+                let mut tmp = [0f32; 16];
+                _mm512_storeu_ps(tmp.as_mut_ptr(), acc_r[k]);
+                for t in lo..hi {
+                    *dst.add(t - t_begin) = tmp[t - base];
+                }
+            }
+        }
+    }
+}
+
 /// See [`super::key_scores`]. `R` query rows, `NC` chunks of 16 tokens per pass (independent
 /// accumulators hide the FMA latency).
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -72,46 +133,73 @@ unsafe fn key_scores_rows<const R: usize, const NC: usize>(
     let end16 = t_end.div_ceil(16) * 16;
     let mut t0 = t_begin / 16 * 16;
     // Full passes of NC chunks, then single chunks, never reading past the last chunk.
+    while t0 + NC * 16 <= end16 {
+        let acc = key_pass::<R, NC>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
+        store_scores::<R, NC>(&acc, t0, t_begin, t_end, out, out_stride);
+        t0 += NC * 16;
+    }
     while t0 < t_end {
-        let nc = if t0 + NC * 16 <= end16 { NC } else { 1 };
-        let mut acc = [[_mm512_setzero_ps(); NC]; R];
-        let mut p = codes.add(c0 * slot_bytes + t0 * b / 8);
-        for c in c0..c1 {
-            if nc == NC {
-                for k in 0..NC {
-                    let v = unpack.load(p.add(k * 2 * b));
-                    for r in 0..R {
-                        let wr = _mm512_set1_ps(*w.add(r * w_stride + c));
-                        acc[r][k] = _mm512_fmadd_ps(wr, v, acc[r][k]);
-                    }
-                }
-            } else {
-                let v = unpack.load(p);
-                for r in 0..R {
-                    let wr = _mm512_set1_ps(*w.add(r * w_stride + c));
-                    acc[r][0] = _mm512_fmadd_ps(wr, v, acc[r][0]);
-                }
-            }
-            p = p.add(slot_bytes);
+        let acc = key_pass::<R, 1>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
+        store_scores::<R, 1>(&acc, t0, t_begin, t_end, out, out_stride);
+        t0 += 16;
+    }
+}
+
+/// `NC` chunks of 16 channels from channel `ch`, accumulated over `tokens` rows, for `R` rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_pass<const R: usize, const NC: usize>(
+    unpack: &Unpack,
+    codes: *const u8,
+    row_bytes: usize,
+    b: usize,
+    tokens: usize,
+    ch: usize,
+    w: *const f32,
+    w_stride: usize,
+) -> [[__m512; NC]; R] {
+    let mut acc = [[_mm512_setzero_ps(); NC]; R];
+    let mut p = codes.add(ch * b / 8);
+    for t in 0..tokens {
+        let mut v = [_mm512_setzero_ps(); NC];
+        for (k, vk) in v.iter_mut().enumerate() {
+            *vk = unpack.load(p.add(k * 2 * b));
         }
-        for k in 0..nc {
-            let base = t0 + 16 * k;
-            let lo = t_begin.max(base);
-            let hi = t_end.min(base + 16);
-            for r in 0..R {
-                let dst = out.add(r * out_stride);
-                if lo == base && hi == base + 16 {
-                    _mm512_storeu_ps(dst.add(base - t_begin), acc[r][k]);
-                } else if lo < hi {
-                    let mut tmp = [0f32; 16];
-                    _mm512_storeu_ps(tmp.as_mut_ptr(), acc[r][k]);
-                    for t in lo..hi {
-                        *dst.add(t - t_begin) = tmp[t - base];
-                    }
-                }
+        for r in 0..R {
+            let wr = _mm512_set1_ps(*w.add(r * w_stride + t));
+            for k in 0..NC {
+                acc[r][k] = _mm512_fmadd_ps(wr, v[k], acc[r][k]);
             }
         }
-        t0 += nc * 16;
+        p = p.add(row_bytes);
+    }
+    acc
+}
+
+/// Adds the lanes of `acc` (chunks from channel `ch`) below `c1` into the accumulator rows.
+#[inline(always)]
+unsafe fn add_values<const R: usize, const NC: usize>(
+    acc: &[[__m512; NC]; R],
+    ch: usize,
+    c1: usize,
+    acc_out: *mut f32,
+    acc_stride: usize,
+) {
+    for k in 0..NC {
+        let base = ch + 16 * k;
+        let hi = c1.min(base + 16);
+        for (r, acc_r) in acc.iter().enumerate() {
+            let dst = acc_out.add(r * acc_stride + base);
+            if hi == base + 16 {
+                _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc_r[k]));
+            } else if base < hi {
+                let mut tmp = [0f32; 16];
+                _mm512_storeu_ps(tmp.as_mut_ptr(), acc_r[k]);
+                for (i, v) in tmp.iter().take(hi - base).enumerate() {
+                    *dst.add(i) += v;
+                }
+            }
+        }
     }
 }
 
@@ -134,54 +222,23 @@ unsafe fn value_accumulate_rows<const R: usize, const NC: usize>(
     let b = bits as usize;
     let end16 = c0 + (c1 - c0).div_ceil(16) * 16;
     let mut ch = c0;
+    while ch + NC * 16 <= end16 {
+        let acc = value_pass::<R, NC>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
+        add_values::<R, NC>(&acc, ch, c1, acc_out, acc_stride);
+        ch += NC * 16;
+    }
     while ch < c1 {
-        let nc = if ch + NC * 16 <= end16 { NC } else { 1 };
-        let mut acc = [[_mm512_setzero_ps(); NC]; R];
-        let mut p = codes.add(ch * b / 8);
-        for t in 0..tokens {
-            if nc == NC {
-                let mut v = [_mm512_setzero_ps(); NC];
-                for (k, vk) in v.iter_mut().enumerate() {
-                    *vk = unpack.load(p.add(k * 2 * b));
-                }
-                for r in 0..R {
-                    let wr = _mm512_set1_ps(*w.add(r * w_stride + t));
-                    for k in 0..NC {
-                        acc[r][k] = _mm512_fmadd_ps(wr, v[k], acc[r][k]);
-                    }
-                }
-            } else {
-                let v = unpack.load(p);
-                for r in 0..R {
-                    let wr = _mm512_set1_ps(*w.add(r * w_stride + t));
-                    acc[r][0] = _mm512_fmadd_ps(wr, v, acc[r][0]);
-                }
-            }
-            p = p.add(row_bytes);
-        }
-        for k in 0..nc {
-            let base = ch + 16 * k;
-            let hi = c1.min(base + 16);
-            for r in 0..R {
-                let dst = acc_out.add(r * acc_stride + base);
-                if hi == base + 16 {
-                    _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[r][k]));
-                } else {
-                    let mut tmp = [0f32; 16];
-                    _mm512_storeu_ps(tmp.as_mut_ptr(), acc[r][k]);
-                    for (i, v) in tmp.iter().take(hi - base).enumerate() {
-                        *dst.add(i) += v;
-                    }
-                }
-            }
-        }
-        ch += nc * 16;
+        let acc = value_pass::<R, 1>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
+        add_values::<R, 1>(&acc, ch, c1, acc_out, acc_stride);
+        ch += 16;
     }
 }
 
 macro_rules! dispatch_rows {
     ($f:ident, $rows:expr, ($($arg:expr),*)) => {
         match $rows {
+            // R·NC accumulators plus the three unpack constants and temporaries stay
+            // within the 32 zmm registers.
             1 => $f::<1, 4>($($arg),*),
             2 => $f::<2, 4>($($arg),*),
             3 => $f::<3, 4>($($arg),*),
@@ -231,7 +288,7 @@ pub(super) unsafe fn key_scores(
 }
 
 /// # Safety
-/// As [`key_scores`]; `channels.start` is a multiple of 8 (byte-aligned codes).
+/// As [`key_scores`]; `channels.start` is a multiple of 8.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn value_accumulate(
     codes: &[u8],

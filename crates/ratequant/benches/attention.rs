@@ -1,0 +1,294 @@
+//! Decode-step attention for one layer's heads: f32 and f16 caches (plain dot-product
+//! attention) against the packed cache at 2, 2.5 (half the units at 2 bits, half at 3) and 4
+//! bits, at 1K, 4K, 16K and 64K tokens, SmolLM2's geometry (9 query heads, 3 KV heads,
+//! head_dim 64), KIVI (G = 32, residual 128).
+//!
+//! Besides criterion's own report, prints a summary measured in the same run: median time
+//! per step, speed-up over the f16 cache, the bytes each cache must read, this machine's read
+//! bandwidth (summing a 256 MiB buffer on the same threads) and the time those bytes take at
+//! that bandwidth (the bound), as a fraction of the measured time.
+//!
+//! `RATEQUANT_BENCH_CONTEXTS=1024,16384` limits the contexts;
+//! `RATEQUANT_BENCH_QUANTIZER=kivi:g=128` changes the design;
+//! `RATEQUANT_BENCH_CACHES=f16,packed-2.5` limits the summary's caches (profiling).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use half::f16;
+use rayon::prelude::*;
+
+use ratequant::kvcache::dense::DenseLayerCache;
+use ratequant::kvcache::{
+    AttentionParams, CacheShape, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
+};
+use ratequant::quant::QuantizerSpec;
+
+const HEADS: usize = 9;
+const KV_HEADS: usize = 3;
+const HEAD_DIM: usize = 64;
+
+fn contexts() -> Vec<usize> {
+    match std::env::var("RATEQUANT_BENCH_CONTEXTS") {
+        Ok(s) => s
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .expect("RATEQUANT_BENCH_CONTEXTS: comma-separated token counts")
+            })
+            .collect(),
+        Err(_) => vec![1024, 4096, 16384, 65536],
+    }
+}
+
+fn quantizer() -> QuantizerSpec {
+    let s = std::env::var("RATEQUANT_BENCH_QUANTIZER").unwrap_or_else(|_| "kivi".to_string());
+    QuantizerSpec::parse(&s).expect("RATEQUANT_BENCH_QUANTIZER")
+}
+
+/// Deterministic activations with a few outlier channels, `[kv_heads, tokens, head_dim]`.
+fn activations(tokens: usize, heads: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..heads * tokens * HEAD_DIM)
+        .map(|i| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let u = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+            let gain = if i % HEAD_DIM % 13 == 5 { 6.0 } else { 1.0 };
+            (u * 2.0 - 1.0) * gain
+        })
+        .collect()
+}
+
+enum Cache {
+    F32(DenseLayerCache<f32>),
+    F16(DenseLayerCache<f16>),
+    Packed(PackedKvCache),
+}
+
+impl Cache {
+    fn step(&self, q: &[f32], params: &AttentionParams) -> Vec<f32> {
+        match self {
+            Cache::F32(c) => c.attend_last(q, HEADS, params.scale).unwrap(),
+            Cache::F16(c) => c.attend_last(q, HEADS, params.scale).unwrap(),
+            Cache::Packed(c) => c.attend_last(0, q, HEADS, params).unwrap(),
+        }
+    }
+
+    /// Bytes one decode step must read: every stored byte of the layer.
+    fn bytes(&self) -> usize {
+        match self {
+            Cache::F32(c) => c.bytes(),
+            Cache::F16(c) => c.bytes(),
+            Cache::Packed(c) => c.memory().total_bytes(),
+        }
+    }
+}
+
+fn build(tokens: usize) -> Vec<(String, Cache)> {
+    let k = activations(tokens, KV_HEADS, 1);
+    let v = activations(tokens, KV_HEADS, 2);
+    let mut f32_cache = DenseLayerCache::<f32>::new(KV_HEADS, HEAD_DIM);
+    f32_cache.append(&k, &v, tokens).unwrap();
+    let mut f16_cache = DenseLayerCache::<f16>::new(KV_HEADS, HEAD_DIM);
+    f16_cache.append(&k, &v, tokens).unwrap();
+    let shape = CacheShape {
+        layers: 1,
+        kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+    };
+    let spec = quantizer();
+    let mut caches = vec![
+        ("f32".to_string(), Cache::F32(f32_cache)),
+        ("f16".to_string(), Cache::F16(f16_cache)),
+    ];
+    for (name, bits) in [
+        ("packed-2", [2u8, 2]),
+        ("packed-2.5", [2, 3]),
+        ("packed-4", [4, 4]),
+    ] {
+        // Unit i = 2·head + (K, V): the pattern shifts by head, so for 2.5 bits the keys get
+        // 2, 3, 2 bits and the values 3, 2, 3 (mean exactly 2.5).
+        let units: Vec<UnitFormat> = (0..shape.units())
+            .map(|i| UnitFormat {
+                quantizer: spec.clone(),
+                bits: bits[(i + i / 2) % 2],
+            })
+            .collect();
+        let mut cache = PackedKvCache::new(shape, &units, DEFAULT_RESIDUAL).unwrap();
+        cache.append(0, &k, &v, tokens).unwrap();
+        caches.push((name.to_string(), Cache::Packed(cache)));
+    }
+    caches
+}
+
+/// Read bandwidth in bytes/s: the best of several parallel sums over a 256 MiB buffer.
+fn read_bandwidth() -> f64 {
+    let buf: Vec<f32> = (0..64usize << 20).map(|i| (i % 7) as f32).collect();
+    let threads = rayon::current_num_threads();
+    let chunk = buf.len().div_ceil(threads * 8);
+    let mut best = f64::INFINITY;
+    for _ in 0..7 {
+        let start = Instant::now();
+        let total: f32 = buf.par_chunks(chunk).map(|c| sum8(c)).sum();
+        black_box(total);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (buf.len() * 4) as f64 / best
+}
+
+fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// CPU time consumed so far by all threads of this process (nanoseconds, from
+/// `/proc/self/task/*/schedstat`); unlike wall time it barely depends on other load.
+fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// CPU time per call, averaged over calls filling about half a second of wall time.
+fn cpu_time_per_call(f: impl Fn()) -> Option<Duration> {
+    f();
+    let start = Instant::now();
+    let cpu0 = process_cpu_ns()?;
+    let mut calls = 0u64;
+    while start.elapsed() < Duration::from_millis(500) || calls < 3 {
+        f();
+        calls += 1;
+    }
+    let cpu1 = process_cpu_ns()?;
+    Some(Duration::from_nanos((cpu1 - cpu0) / calls))
+}
+
+fn median_time(f: impl Fn()) -> Duration {
+    for _ in 0..3 {
+        f();
+    }
+    let mut times: Vec<Duration> = (0..21)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn decode_attention(c: &mut Criterion) {
+    let params = AttentionParams {
+        scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+        window: None,
+    };
+    let q = activations(1, HEADS, 3);
+    let bandwidth = read_bandwidth();
+    let mut summary = Vec::new();
+    let mut group = c.benchmark_group("decode_attention");
+    for tokens in contexts() {
+        let caches = build(tokens);
+        for (name, cache) in &caches {
+            group.bench_with_input(BenchmarkId::new(name, tokens), cache, |b, cache| {
+                b.iter(|| black_box(cache.step(&q, &params)))
+            });
+        }
+        let only = std::env::var("RATEQUANT_BENCH_CACHES").ok();
+        for (name, cache) in &caches {
+            if only
+                .as_ref()
+                .is_some_and(|o| !o.split(',').any(|x| x == name))
+            {
+                continue;
+            }
+            let t = median_time(|| {
+                black_box(cache.step(&q, &params));
+            });
+            let cpu = cpu_time_per_call(|| {
+                black_box(cache.step(&q, &params));
+            });
+            summary.push((tokens, name.clone(), t, cpu, cache.bytes()));
+        }
+    }
+    group.finish();
+
+    println!();
+    println!(
+        "decode-step attention, one layer: {HEADS} query heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}; packed = {} residual {DEFAULT_RESIDUAL}",
+        quantizer()
+    );
+    println!(
+        "threads {}, load average {}, measured read bandwidth {:.2} GB/s",
+        rayon::current_num_threads(),
+        load_average(),
+        bandwidth / 1e9
+    );
+    println!("(wall: median wall time per step; cpu: CPU time of all threads per step, less sensitive to other load;");
+    println!(" bound: bytes read / measured bandwidth; bound/time: how close the wall time is to that bound)");
+    println!(
+        "{:>7} {:>11} {:>10} {:>8} {:>10} {:>8} {:>12} {:>9} {:>10}",
+        "tokens",
+        "cache",
+        "wall µs",
+        "vs f16",
+        "cpu µs",
+        "vs f16",
+        "bytes read",
+        "bound µs",
+        "bound/time"
+    );
+    for &(tokens, ref name, t, cpu, bytes) in &summary {
+        let Some(f16) = summary.iter().find(|s| s.0 == tokens && s.1 == "f16") else {
+            continue;
+        };
+        let bound = bytes as f64 / bandwidth;
+        let cpu_us = cpu.map_or(f64::NAN, |c| c.as_secs_f64() * 1e6);
+        let f16_cpu_us = f16.3.map_or(f64::NAN, |c| c.as_secs_f64() * 1e6);
+        println!(
+            "{:>7} {:>11} {:>10.1} {:>7.2}× {:>10.1} {:>7.2}× {:>12} {:>9.1} {:>9.0}%",
+            tokens,
+            name,
+            t.as_secs_f64() * 1e6,
+            f16.2.as_secs_f64() / t.as_secs_f64(),
+            cpu_us,
+            f16_cpu_us / cpu_us,
+            bytes,
+            bound * 1e6,
+            100.0 * bound / t.as_secs_f64()
+        );
+    }
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = decode_attention
+}
+criterion_main!(benches);
