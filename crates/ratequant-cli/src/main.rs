@@ -17,6 +17,8 @@ enum Command {
     Fit(cmd::fit::FitArgs),
     /// Allocate bits per unit from a CALIB.json at a mean-bits budget (writes PLAN.json).
     Allocate(cmd::allocate::AllocateArgs),
+    /// Download, verify and cache models and texts (smollm2, qwen2.5-0.5b, gemma3-270m, botchan, brown); `--list` shows them.
+    Fetch(cmd::fetch::FetchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,5 +26,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Fit(args) => cmd::fit::run(args),
         Command::Allocate(args) => cmd::allocate::run(args),
+        Command::Fetch(args) => cmd::fetch::run(args),
     }
 }

@@ -1,4 +1,5 @@
 //! One module per command, each exposing `<Name>Args` and `run`.
 
 pub mod allocate;
+pub mod fetch;
 pub mod fit;
