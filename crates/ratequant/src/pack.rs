@@ -2,9 +2,10 @@
 //!
 //! Code `i` occupies bits `i·b .. (i+1)·b` of the packed stream, bytes little-endian (bit `k`
 //! of the stream is bit `k % 8` of byte `k / 8`); the last byte is zero-padded. Eight codes
-//! always fill exactly `b` bytes, so the fast paths move eight codes at a time through one
-//! `u64`: three shift-and-mask steps squeeze (or spread) the eight bytes into `8·b`
-//! contiguous bits. [`pack_reference`] / [`unpack_reference`] are the bit-by-bit definition
+//! always fill exactly `b` bytes, so every width has a word-parallel fast path: three
+//! shift-and-mask steps squeeze (or spread) eight one-byte codes in a `u64` into `8·b`
+//! contiguous bits, and eight such fields fill exactly `b` words (64 codes per step; the
+//! width is a const generic, so every shift is a constant). [`pack_reference`] / [`unpack_reference`] are the bit-by-bit definition
 //! the tests compare against.
 
 use crate::{Error, Result};
@@ -109,11 +110,62 @@ fn spread8<const B: u32>(packed: u64) -> u64 {
     (v & every16(low_bits(B))) | ((v << (8 - B)) & every16(low_bits(B) << 8))
 }
 
+/// Packs 64 codes into `8·B` bytes: eight squeezed 8-code fields laid end to end in `B`
+/// words (all shifts are constants once `B` is).
+#[inline(always)]
+fn pack64<const B: u32>(codes: &[u8], out: &mut [u8]) {
+    let b = B as usize;
+    let mut fields = [0u64; 8];
+    for (k, f) in fields.iter_mut().enumerate() {
+        *f = squeeze8::<B>(u64::from_le_bytes(
+            codes[8 * k..8 * k + 8].try_into().expect("8 codes"),
+        ));
+    }
+    let mut words = [0u64; 8];
+    for (k, &f) in fields.iter().enumerate() {
+        let bit = 8 * b * k;
+        let (w, shift) = (bit / 64, bit % 64);
+        words[w] |= f << shift;
+        if shift + 8 * b > 64 {
+            words[w + 1] |= f >> (64 - shift);
+        }
+    }
+    for (w, dst) in words.iter().zip(out.chunks_exact_mut(8)) {
+        dst.copy_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// Inverse of [`pack64`].
+#[inline(always)]
+fn unpack64<const B: u32>(packed: &[u8], out: &mut [u8]) {
+    let b = B as usize;
+    let mut words = [0u64; 8];
+    for (w, src) in words.iter_mut().zip(packed.chunks_exact(8)) {
+        *w = u64::from_le_bytes(src.try_into().expect("8 bytes"));
+    }
+    for k in 0..8 {
+        let bit = 8 * b * k;
+        let (w, shift) = (bit / 64, bit % 64);
+        let mut field = words[w] >> shift;
+        if shift + 8 * b > 64 {
+            field |= words[w + 1] << (64 - shift);
+        }
+        out[8 * k..8 * k + 8].copy_from_slice(&spread8::<B>(field).to_le_bytes());
+    }
+}
+
 #[inline(always)]
 fn pack_width<const B: u32>(codes: &[u8], out: &mut [u8]) {
     let b = B as usize;
+    // 64 codes (8·B bytes) at a time, then 8 at a time, then a zero-padded tail
+    let full64 = codes.len() / 64;
+    let (out64, out_rest) = out.split_at_mut(full64 * 8 * b);
+    for (chunk, dst) in codes.chunks_exact(64).zip(out64.chunks_exact_mut(8 * b)) {
+        pack64::<B>(chunk, dst);
+    }
+    let codes = &codes[full64 * 64..];
     let full = codes.len() / 8;
-    let (out_full, out_tail) = out.split_at_mut(full * b);
+    let (out_full, out_tail) = out_rest.split_at_mut(full * b);
     for (chunk, dst) in codes.chunks_exact(8).zip(out_full.chunks_exact_mut(b)) {
         let word = u64::from_le_bytes(chunk.try_into().expect("chunk of 8"));
         dst.copy_from_slice(&squeeze8::<B>(word).to_le_bytes()[..b]);
@@ -131,8 +183,14 @@ fn pack_width<const B: u32>(codes: &[u8], out: &mut [u8]) {
 #[inline(always)]
 fn unpack_width<const B: u32>(packed: &[u8], out: &mut [u8]) {
     let b = B as usize;
-    let full = out.len() / 8;
-    let (out_full, out_tail) = out.split_at_mut(full * 8);
+    let full64 = out.len() / 64;
+    let (out64, out_rest) = out.split_at_mut(full64 * 64);
+    for (dst, src) in out64.chunks_exact_mut(64).zip(packed.chunks_exact(8 * b)) {
+        unpack64::<B>(src, dst);
+    }
+    let packed = &packed[full64 * 8 * b..];
+    let full = out_rest.len() / 8;
+    let (out_full, out_tail) = out_rest.split_at_mut(full * 8);
     for (dst, src) in out_full.chunks_exact_mut(8).zip(packed.chunks_exact(b)) {
         let mut word = [0u8; 8];
         word[..b].copy_from_slice(src);

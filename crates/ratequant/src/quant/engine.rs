@@ -4,14 +4,16 @@
 //! channel's tokens), an optional clip ratio and an optional Hadamard rotation of each token.
 //! The tile is cut into blocks of whole rows, aligned so that every block starts on a byte
 //! of the packed codes and (for per-channel groups) on a token group; blocks run in parallel
-//! on rayon for large tiles. Each block kernel is compiled once per instruction set
-//! ([`Isa`]) from the same source, so LLVM vectorises it for AVX-512 or AVX2 where the CPU has
-//! them; the arithmetic is identical in every variant (tests compare them bit for bit).
+//! on rayon for large tiles. Each block kernel is compiled twice from the same source
+//! ([`Isa`]): for the build target, and with AVX2 enabled (chosen at run time), where it also
+//! calls the hand-written AVX2 range kernels of `minmax::avx2`; the arithmetic is identical
+//! in both (tests compare them bit for bit). There is no AVX-512 variant: the development
+//! machine has no AVX-512 to test one on.
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::minmax::{self, clip_range, min_max, Grid};
+use super::minmax::{self, clip_range, column_min_max, min_max, Grid, RowGrids};
 use super::{check_bits, EncodedTile, Kind, TileShape};
 use crate::hadamard::fwht_normalized_unchecked;
 use crate::pack::{pack_unchecked, packed_len, unpack_unchecked};
@@ -45,16 +47,14 @@ pub(crate) struct Scheme {
 pub(crate) enum Isa {
     /// Whatever the build target allows (SSE2 on plain x86-64).
     Baseline,
+    /// AVX2: the kernels autovectorised for 256-bit vectors, plus hand-written range kernels.
     Avx2,
-    Avx512,
 }
 
 impl Isa {
     /// The widest instruction set this CPU supports.
     pub fn detect() -> Isa {
-        if has(Isa::Avx512) {
-            Isa::Avx512
-        } else if has(Isa::Avx2) {
+        if has(Isa::Avx2) {
             Isa::Avx2
         } else {
             Isa::Baseline
@@ -64,7 +64,7 @@ impl Isa {
     /// Every instruction set this CPU supports (for tests comparing the variants).
     #[cfg(test)]
     pub fn available() -> Vec<Isa> {
-        [Isa::Baseline, Isa::Avx2, Isa::Avx512]
+        [Isa::Baseline, Isa::Avx2]
             .into_iter()
             .filter(|&isa| has(isa))
             .collect()
@@ -76,42 +76,31 @@ fn has(isa: Isa) -> bool {
         Isa::Baseline => true,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => std::is_x86_feature_detected!("avx2"),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("avx2")
-        }
         #[cfg(not(target_arch = "x86_64"))]
         _ => false,
     }
 }
 
-/// Defines `$name(isa, args…)`, which runs the `#[inline(always)]` function `$generic`
-/// compiled for the requested instruction set (if this CPU has it; baseline otherwise).
+/// Defines `$name(isa, args…)`, which runs the `#[inline(always)]` function `$generic` compiled
+/// for the requested instruction set if this CPU has it (baseline otherwise). The generic
+/// function's `const AVX2: bool` parameter says whether it may call the hand-written AVX2
+/// kernels of `minmax::avx2`.
 macro_rules! isa_variants {
     ($(fn $name:ident = $generic:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty;)*) => {$(
         fn $name(isa: Isa, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-                unsafe fn avx512($($arg: $ty),*) -> $ret {
-                    $generic($($arg),*)
-                }
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
-                    $generic($($arg),*)
+                    $generic::<true>($($arg),*)
                 }
-                match isa {
-                    // SAFETY: `has` checked at run time that the CPU supports the features.
-                    Isa::Avx512 if has(Isa::Avx512) => return unsafe { avx512($($arg),*) },
-                    Isa::Avx2 if has(Isa::Avx2) => return unsafe { avx2($($arg),*) },
-                    _ => {}
+                if isa == Isa::Avx2 && has(Isa::Avx2) {
+                    // SAFETY: `has` checked at run time that the CPU supports AVX2.
+                    return unsafe { avx2($($arg),*) };
                 }
             }
             let _ = isa;
-            $generic($($arg),*)
+            $generic::<false>($($arg),*)
         }
     )*};
 }
@@ -129,13 +118,16 @@ enum Problem {
     },
 }
 
+type Outcome = std::result::Result<(), Problem>;
+
 /// Block sizes aim at this many elements: big enough to amortise scheduling, small enough
-/// that a block's scratch codes stay in L1/L2.
+/// that a block's codes and rotated copy stay in L2.
 const TARGET_BLOCK_ELEMS: usize = 16 * 1024;
 /// Tiles smaller than this run on the calling thread.
 const PARALLEL_MIN_ELEMS: usize = 64 * 1024;
-/// Channels handled together by the per-channel kernels (stack arrays of grids).
-const CHANNEL_CHUNK: usize = 64;
+/// Channels the per-channel kernels handle together, their ranges and grids held in
+/// registers while the kernel walks down the token group.
+const CHANNEL_LANES: usize = 16;
 
 /// Parameters a block kernel needs, fixed for one call.
 #[derive(Debug, Clone, Copy)]
@@ -149,108 +141,193 @@ struct BlockCtx {
 }
 
 impl BlockCtx {
-    /// The grid of one group of values, given its min and max.
-    #[inline(always)]
-    fn grid(
-        &self,
-        lo: f32,
-        hi: f32,
-        token: usize,
-        channel: usize,
-    ) -> std::result::Result<Grid, Problem> {
-        let grid = Grid::covering(lo, hi, self.levels);
-        if grid.fits_f16() {
-            Ok(grid)
-        } else {
-            Err(Problem::OutOfF16 {
-                token,
-                channel,
-                lo,
-                hi,
-            })
-        }
-    }
-
-    /// The grid of a contiguous group (per-token grouping) and, when the scheme clips, the
-    /// clipped range its values are clamped into before rounding.
-    #[inline(always)]
-    fn slice_grid(
-        &self,
-        values: &[f32],
-        token: usize,
-        channel: usize,
-    ) -> std::result::Result<(Grid, Option<(f32, f32)>), Problem> {
-        let (lo, hi, finite) = min_max(values);
-        if !finite {
-            // Rotated values of a finite row can only be infinite through overflow.
-            return Err(if self.rotate {
-                Problem::OutOfF16 {
-                    token,
-                    channel,
-                    lo,
-                    hi,
-                }
-            } else {
-                Problem::NonFinite
-            });
-        }
-        match self.clip_ratio {
-            Some(ratio) => {
-                let (lo, hi) = clip_range(lo, hi, ratio);
-                Ok((self.grid(lo, hi, token, channel)?, Some((lo, hi))))
-            }
-            None => Ok((self.grid(lo, hi, token, channel)?, None)),
-        }
-    }
-
-    /// Copies a token row into `buf` and rotates it (QuaRot's forward transform).
-    #[inline(always)]
-    fn rotate_into(&self, row: &[f32], buf: &mut [f32]) -> std::result::Result<(), Problem> {
-        // finiteness of the original values: `v − v` is NaN exactly for ±inf and NaN
-        let mut poison = 0.0f32;
-        for (b, &v) in buf.iter_mut().zip(row) {
-            *b = v;
-            poison += v - v;
-        }
-        if poison != 0.0 {
-            return Err(Problem::NonFinite);
-        }
-        fwht_normalized_unchecked(buf);
-        Ok(())
+    fn groups_per_row(&self) -> usize {
+        self.head_dim.div_ceil(self.group)
     }
 }
 
+/// Per-worker buffers, sized for one block.
+struct Scratch {
+    /// Unpacked codes of the block.
+    codes: Vec<u8>,
+    /// The block's rotated token vectors (QuaRot).
+    rotated: Vec<f32>,
+    /// Per-token groups of the block.
+    groups: GroupArrays,
+    /// Grids of the row being processed, one per channel.
+    row: RowGrids,
+}
+
+/// Range and grid of every per-token group of a block, structure-of-arrays so that the grids
+/// are computed in one vectorised loop.
+struct GroupArrays {
+    lo: Vec<f32>,
+    hi: Vec<f32>,
+    zero: Vec<f32>,
+    scale: Vec<f32>,
+    inv_scale: Vec<f32>,
+}
+
+impl GroupArrays {
+    fn new(n: usize) -> Self {
+        GroupArrays {
+            lo: vec![0.0; n],
+            hi: vec![0.0; n],
+            zero: vec![0.0; n],
+            scale: vec![0.0; n],
+            inv_scale: vec![0.0; n],
+        }
+    }
+
+    #[inline(always)]
+    fn grid(&self, k: usize) -> Grid {
+        Grid {
+            zero: self.zero[k],
+            scale: self.scale[k],
+            inv_scale: self.inv_scale[k],
+        }
+    }
+}
+
+/// Copies rows into `rotated` and rotates each (QuaRot's forward transform); fails on a
+/// non-finite original value.
+#[inline(always)]
+fn rotate_rows(x: &[f32], head_dim: usize, rotated: &mut [f32]) -> Outcome {
+    // `v − v` is 0 for finite v and NaN for ±inf/NaN; NaN is sticky under addition.
+    let mut poison = 0.0f32;
+    for (b, &v) in rotated.iter_mut().zip(x) {
+        *b = v;
+        poison += v - v;
+    }
+    if poison != 0.0 {
+        return Err(Problem::NonFinite);
+    }
+    for row in rotated.chunks_exact_mut(head_dim) {
+        fwht_normalized_unchecked(row);
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
-// Per-token kernels: groups of `group` consecutive channels of one token.
+// Per-token kernels: groups of `group` consecutive channels of one token. Pass 1 measures
+// every group's range, pass 2 turns all ranges into grids at once, pass 3 rounds.
+
+/// Passes 1 and 2: the range (QuaRot: clipped) and grid of every group of the rows in `src`.
+#[inline(always)]
+fn per_token_grids<const AVX2: bool>(
+    ctx: &BlockCtx,
+    first_token: usize,
+    src: &[f32],
+    ga: &mut GroupArrays,
+) -> Outcome {
+    let d = ctx.head_dim;
+    let per_row = ctx.groups_per_row();
+    let n = src.len() / d * per_row;
+    let (lo, hi) = (&mut ga.lo[..n], &mut ga.hi[..n]);
+    let mut finite = true;
+    for (row, (row_lo, row_hi)) in src.chunks_exact(d).zip(
+        lo.chunks_exact_mut(per_row)
+            .zip(hi.chunks_exact_mut(per_row)),
+    ) {
+        for ((part, l), h) in row
+            .chunks(ctx.group)
+            .zip(row_lo.iter_mut())
+            .zip(row_hi.iter_mut())
+        {
+            let (min, max, ok) = min_max::<AVX2>(part);
+            (*l, *h) = (min, max);
+            finite &= ok;
+        }
+    }
+    if !finite {
+        if !ctx.rotate {
+            return Err(Problem::NonFinite);
+        }
+        // Rotated values of a finite row can only be non-finite through overflow.
+        let r = src
+            .chunks_exact(d)
+            .position(|row| row.iter().any(|v| !v.is_finite()))
+            .unwrap_or(0);
+        return Err(Problem::OutOfF16 {
+            token: first_token + r,
+            channel: 0,
+            lo: f32::NEG_INFINITY,
+            hi: f32::INFINITY,
+        });
+    }
+    if let Some(ratio) = ctx.clip_ratio {
+        for (l, h) in lo.iter_mut().zip(hi.iter_mut()) {
+            (*l, *h) = clip_range(*l, *h, ratio);
+        }
+    }
+    let fits = minmax::grids_of_ranges(
+        lo,
+        hi,
+        ctx.levels,
+        &mut ga.zero[..n],
+        &mut ga.scale[..n],
+        &mut ga.inv_scale[..n],
+    );
+    if !fits {
+        let k = (0..n).find(|&k| !ga.grid(k).fits_f16()).unwrap_or(0);
+        return Err(Problem::OutOfF16 {
+            token: first_token + k / per_row,
+            channel: (k % per_row) * ctx.group,
+            lo: ga.lo[k],
+            hi: ga.hi[k],
+        });
+    }
+    Ok(())
+}
+
+/// Spreads the grids of row `r`'s groups over the row's channels.
+#[inline(always)]
+fn fill_row_grids(ctx: &BlockCtx, ga: &GroupArrays, r: usize, row: &mut RowGrids) {
+    let per_row = ctx.groups_per_row();
+    for g in 0..per_row {
+        let k = r * per_row + g;
+        let (start, end) = (g * ctx.group, ((g + 1) * ctx.group).min(ctx.head_dim));
+        row.fill(start, end, ga.grid(k), ga.lo[k], ga.hi[k]);
+    }
+}
+
+/// The source rows of a per-token block: `x` itself, or its rotation in `rotated`.
+#[inline(always)]
+fn per_token_source<'a>(
+    ctx: &BlockCtx,
+    x: &'a [f32],
+    rotated: &'a mut [f32],
+) -> std::result::Result<&'a [f32], Problem> {
+    if ctx.rotate {
+        let rotated = &mut rotated[..x.len()];
+        rotate_rows(x, ctx.head_dim, rotated)?;
+        Ok(rotated)
+    } else {
+        Ok(x)
+    }
+}
 
 #[inline(always)]
-fn fake_per_token(
+fn fake_per_token<const AVX2: bool>(
     ctx: &BlockCtx,
     first_token: usize,
     x: &[f32],
     out: &mut [f32],
-    row_buf: &mut [f32],
-) -> std::result::Result<(), Problem> {
-    let d = ctx.head_dim;
-    for (r, (src, dst)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-        let token = first_token + r;
-        let src = if ctx.rotate {
-            ctx.rotate_into(src, row_buf)?;
-            &*row_buf
+    scratch: &mut Scratch,
+) -> Outcome {
+    let src = per_token_source(ctx, x, &mut scratch.rotated)?;
+    let (ga, grids) = (&mut scratch.groups, &mut scratch.row);
+    per_token_grids::<AVX2>(ctx, first_token, src, ga)?;
+    for (r, (row, dst)) in src
+        .chunks_exact(ctx.head_dim)
+        .zip(out.chunks_exact_mut(ctx.head_dim))
+        .enumerate()
+    {
+        fill_row_grids(ctx, ga, r, grids);
+        if ctx.clip_ratio.is_some() {
+            minmax::fake_row_clamped(row, dst, grids, ctx.levels);
         } else {
-            src
-        };
-        for (g, (s, o)) in src
-            .chunks(ctx.group)
-            .zip(dst.chunks_mut(ctx.group))
-            .enumerate()
-        {
-            match ctx.slice_grid(s, token, g * ctx.group)? {
-                (grid, None) => minmax::fake_slice(s, o, grid, ctx.levels),
-                (grid, Some((lo, hi))) => {
-                    minmax::fake_slice_clamped(s, o, grid, lo, hi, ctx.levels)
-                }
-            }
+            minmax::fake_row(row, dst, grids, ctx.levels);
         }
         if ctx.rotate {
             fwht_normalized_unchecked(dst);
@@ -260,7 +337,7 @@ fn fake_per_token(
 }
 
 #[inline(always)]
-fn encode_per_token(
+fn encode_per_token<const AVX2: bool>(
     ctx: &BlockCtx,
     first_token: usize,
     x: &[f32],
@@ -268,34 +345,31 @@ fn encode_per_token(
     scales: &mut [u16],
     zeros: &mut [u16],
     scratch: &mut Scratch,
-) -> std::result::Result<(), Problem> {
-    let d = ctx.head_dim;
-    let groups_per_row = d.div_ceil(ctx.group);
+) -> Outcome {
+    let src = per_token_source(ctx, x, &mut scratch.rotated)?;
+    let (ga, grids) = (&mut scratch.groups, &mut scratch.row);
+    per_token_grids::<AVX2>(ctx, first_token, src, ga)?;
     let codes = &mut scratch.codes[..x.len()];
-    let row_buf = &mut scratch.row[..];
-    for (r, (src, row_codes)) in x.chunks_exact(d).zip(codes.chunks_exact_mut(d)).enumerate() {
-        let token = first_token + r;
-        let src = if ctx.rotate {
-            ctx.rotate_into(src, row_buf)?;
-            &*row_buf
+    for (r, (row, row_codes)) in src
+        .chunks_exact(ctx.head_dim)
+        .zip(codes.chunks_exact_mut(ctx.head_dim))
+        .enumerate()
+    {
+        fill_row_grids(ctx, ga, r, grids);
+        if ctx.clip_ratio.is_some() {
+            minmax::code_row_clamped(row, row_codes, grids, ctx.levels);
         } else {
-            src
-        };
-        let row_scales = &mut scales[r * groups_per_row..(r + 1) * groups_per_row];
-        let row_zeros = &mut zeros[r * groups_per_row..(r + 1) * groups_per_row];
-        for (g, (s, c)) in src
-            .chunks(ctx.group)
-            .zip(row_codes.chunks_mut(ctx.group))
-            .enumerate()
-        {
-            let (grid, clamp) = ctx.slice_grid(s, token, g * ctx.group)?;
-            row_scales[g] = minmax::f16_bits_exact(grid.scale);
-            row_zeros[g] = minmax::f16_bits_exact(grid.zero);
-            match clamp {
-                None => minmax::code_slice(s, c, grid, ctx.levels),
-                Some((lo, hi)) => minmax::code_slice_clamped(s, c, grid, lo, hi, ctx.levels),
-            }
+            minmax::code_row(row, row_codes, grids, ctx.levels);
         }
+    }
+    let n = scales.len();
+    for (((s, z), &scale), &zero) in scales
+        .iter_mut()
+        .zip(zeros.iter_mut())
+        .zip(&ga.scale[..n])
+        .zip(&ga.zero[..n])
+    {
+        (*s, *z) = (minmax::f16_bits_exact(scale), minmax::f16_bits_exact(zero));
     }
     pack_unchecked(codes, ctx.bits, packed);
     Ok(())
@@ -310,24 +384,28 @@ fn decode_per_token(
     out: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let d = ctx.head_dim;
-    let groups_per_row = d.div_ceil(ctx.group);
     let codes = &mut scratch.codes[..out.len()];
     unpack_unchecked(packed, ctx.bits, codes);
+    let n = scales.len();
+    let (ga, grids) = (&mut scratch.groups, &mut scratch.row);
+    for (((z, s), &zero), &scale) in ga.zero[..n]
+        .iter_mut()
+        .zip(ga.scale[..n].iter_mut())
+        .zip(zeros)
+        .zip(scales)
+    {
+        (*z, *s) = (
+            minmax::f16_bits_to_f32(zero),
+            minmax::f16_bits_to_f32(scale),
+        );
+    }
     for (r, (dst, row_codes)) in out
-        .chunks_exact_mut(d)
-        .zip(codes.chunks_exact(d))
+        .chunks_exact_mut(ctx.head_dim)
+        .zip(codes.chunks_exact(ctx.head_dim))
         .enumerate()
     {
-        let row_scales = &scales[r * groups_per_row..(r + 1) * groups_per_row];
-        let row_zeros = &zeros[r * groups_per_row..(r + 1) * groups_per_row];
-        for (g, (o, c)) in dst
-            .chunks_mut(ctx.group)
-            .zip(row_codes.chunks(ctx.group))
-            .enumerate()
-        {
-            minmax::value_slice(c, o, Grid::from_f16_bits(row_zeros[g], row_scales[g]));
-        }
+        fill_row_grids(ctx, ga, r, grids);
+        minmax::value_row(row_codes, dst, grids);
         if ctx.rotate {
             fwht_normalized_unchecked(dst);
         }
@@ -335,107 +413,89 @@ fn decode_per_token(
 }
 
 // ---------------------------------------------------------------------------------------
-// Per-channel kernels: groups of `group` consecutive tokens of one channel. Grids of up to
-// CHANNEL_CHUNK channels are held as arrays so the element loops run across channels.
+// Per-channel kernels: groups of `group` consecutive tokens of one channel. `W` channels at a
+// time (CHANNEL_LANES, then single channels for a remainder): their ranges and grids are
+// fixed-size arrays that live in vector registers while the kernel walks down the rows.
 
-/// Grids of a chunk of channels, structure-of-arrays.
-struct ChannelGrids {
-    zero: [f32; CHANNEL_CHUNK],
-    scale: [f32; CHANNEL_CHUNK],
-    inv_scale: [f32; CHANNEL_CHUNK],
+/// Grids of channels `c0..c0+W` over the rows of one token group `xs`, written into `grids`.
+#[inline(always)]
+fn channel_grids<const W: usize, const AVX2: bool>(
+    ctx: &BlockCtx,
+    xs: &[f32],
+    c0: usize,
+    token: usize,
+    grids: &mut RowGrids,
+) -> Outcome {
+    let (lo, hi, finite) = column_min_max::<W, AVX2>(xs, ctx.head_dim, c0);
+    if !finite {
+        return Err(Problem::NonFinite);
+    }
+    let mut fits = true;
+    for i in 0..W {
+        let grid = Grid::covering(lo[i], hi[i], ctx.levels);
+        grids.set(c0 + i, grid);
+        fits &= grid.fits_f16();
+    }
+    if !fits {
+        let i = (0..W)
+            .find(|&i| !Grid::covering(lo[i], hi[i], ctx.levels).fits_f16())
+            .unwrap_or(0);
+        return Err(Problem::OutOfF16 {
+            token,
+            channel: c0 + i,
+            lo: lo[i],
+            hi: hi[i],
+        });
+    }
+    Ok(())
 }
 
-impl ChannelGrids {
-    #[inline(always)]
-    fn new() -> Self {
-        ChannelGrids {
-            zero: [0.0; CHANNEL_CHUNK],
-            scale: [0.0; CHANNEL_CHUNK],
-            inv_scale: [0.0; CHANNEL_CHUNK],
-        }
+/// Grids of every channel over one token group: CHANNEL_LANES channels at a time, then one
+/// at a time for a remainder.
+#[inline(always)]
+fn token_group_grids<const AVX2: bool>(
+    ctx: &BlockCtx,
+    xs: &[f32],
+    token: usize,
+    grids: &mut RowGrids,
+) -> Outcome {
+    let d = ctx.head_dim;
+    let mut c0 = 0;
+    while c0 + CHANNEL_LANES <= d {
+        channel_grids::<CHANNEL_LANES, AVX2>(ctx, xs, c0, token, grids)?;
+        c0 += CHANNEL_LANES;
     }
-
-    #[inline(always)]
-    fn set(&mut self, i: usize, grid: Grid) {
-        self.zero[i] = grid.zero;
-        self.scale[i] = grid.scale;
-        self.inv_scale[i] = grid.inv_scale;
+    while c0 < d {
+        channel_grids::<1, AVX2>(ctx, xs, c0, token, grids)?;
+        c0 += 1;
     }
-
-    /// Min-max grids of channels `c0..c0+width` over the `rows` rows of `x` (row stride `d`).
-    #[inline(always)]
-    fn measure(
-        &mut self,
-        ctx: &BlockCtx,
-        x: &[f32],
-        c0: usize,
-        width: usize,
-        first_token: usize,
-    ) -> std::result::Result<(), Problem> {
-        let mut lo = [f32::INFINITY; CHANNEL_CHUNK];
-        let mut hi = [f32::NEG_INFINITY; CHANNEL_CHUNK];
-        let mut poison = [0.0f32; CHANNEL_CHUNK];
-        for row in x.chunks_exact(ctx.head_dim) {
-            let row = &row[c0..c0 + width];
-            for (((l, h), p), &v) in lo
-                .iter_mut()
-                .zip(hi.iter_mut())
-                .zip(poison.iter_mut())
-                .zip(row)
-            {
-                *l = if v < *l { v } else { *l };
-                *h = if v > *h { v } else { *h };
-                *p += v - v;
-            }
-        }
-        if poison[..width].iter().any(|&p| p != 0.0) {
-            return Err(Problem::NonFinite);
-        }
-        for i in 0..width {
-            let grid = ctx.grid(lo[i], hi[i], first_token, c0 + i)?;
-            self.set(i, grid);
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 #[inline(always)]
-fn fake_per_channel(
+fn fake_per_channel<const AVX2: bool>(
     ctx: &BlockCtx,
     first_token: usize,
     x: &[f32],
     out: &mut [f32],
-) -> std::result::Result<(), Problem> {
+    grids: &mut RowGrids,
+) -> Outcome {
     let d = ctx.head_dim;
-    let mut grids = ChannelGrids::new();
     for (j, (xs, os)) in x
         .chunks(ctx.group * d)
         .zip(out.chunks_mut(ctx.group * d))
         .enumerate()
     {
-        let token = first_token + j * ctx.group;
-        for c0 in (0..d).step_by(CHANNEL_CHUNK) {
-            let width = CHANNEL_CHUNK.min(d - c0);
-            grids.measure(ctx, xs, c0, width, token)?;
-            for (src, dst) in xs.chunks_exact(d).zip(os.chunks_exact_mut(d)) {
-                let lanes = src[c0..c0 + width].iter().zip(&mut dst[c0..c0 + width]);
-                for (i, (&v, o)) in lanes.enumerate() {
-                    *o = minmax::fake(
-                        v,
-                        grids.zero[i],
-                        grids.scale[i],
-                        grids.inv_scale[i],
-                        ctx.levels,
-                    );
-                }
-            }
+        token_group_grids::<AVX2>(ctx, xs, first_token + j * ctx.group, grids)?;
+        for (src, dst) in xs.chunks_exact(d).zip(os.chunks_exact_mut(d)) {
+            minmax::fake_row(src, dst, grids, ctx.levels);
         }
     }
     Ok(())
 }
 
 #[inline(always)]
-fn encode_per_channel(
+fn encode_per_channel<const AVX2: bool>(
     ctx: &BlockCtx,
     first_token: usize,
     x: &[f32],
@@ -443,29 +503,23 @@ fn encode_per_channel(
     scales: &mut [u16],
     zeros: &mut [u16],
     scratch: &mut Scratch,
-) -> std::result::Result<(), Problem> {
+) -> Outcome {
     let d = ctx.head_dim;
     let codes = &mut scratch.codes[..x.len()];
-    let mut grids = ChannelGrids::new();
-    for (j, (xs, cs)) in x
-        .chunks(ctx.group * d)
-        .zip(codes.chunks_mut(ctx.group * d))
-        .enumerate()
-    {
-        let token = first_token + j * ctx.group;
-        for c0 in (0..d).step_by(CHANNEL_CHUNK) {
-            let width = CHANNEL_CHUNK.min(d - c0);
-            grids.measure(ctx, xs, c0, width, token)?;
-            for i in 0..width {
-                scales[j * d + c0 + i] = minmax::f16_bits_exact(grids.scale[i]);
-                zeros[j * d + c0 + i] = minmax::f16_bits_exact(grids.zero[i]);
-            }
-            for (src, dst) in xs.chunks_exact(d).zip(cs.chunks_exact_mut(d)) {
-                let lanes = src[c0..c0 + width].iter().zip(&mut dst[c0..c0 + width]);
-                for (i, (&v, c)) in lanes.enumerate() {
-                    *c = minmax::code(v, grids.zero[i], grids.inv_scale[i], ctx.levels);
-                }
-            }
+    let grids = &mut scratch.row;
+    let groups = x.chunks(ctx.group * d).zip(codes.chunks_mut(ctx.group * d));
+    for (j, (xs, cs)) in groups.enumerate() {
+        token_group_grids::<AVX2>(ctx, xs, first_token + j * ctx.group, grids)?;
+        let (group_scales, group_zeros) = (
+            &mut scales[j * d..(j + 1) * d],
+            &mut zeros[j * d..(j + 1) * d],
+        );
+        for c in 0..d {
+            group_scales[c] = minmax::f16_bits_exact(grids.scale[c]);
+            group_zeros[c] = minmax::f16_bits_exact(grids.zero[c]);
+        }
+        for (src, dst) in xs.chunks_exact(d).zip(cs.chunks_exact_mut(d)) {
+            minmax::code_row(src, dst, grids, ctx.levels);
         }
     }
     pack_unchecked(codes, ctx.bits, packed);
@@ -484,26 +538,19 @@ fn decode_per_channel(
     let d = ctx.head_dim;
     let codes = &mut scratch.codes[..out.len()];
     unpack_unchecked(packed, ctx.bits, codes);
-    let mut grids = ChannelGrids::new();
+    let grids = &mut scratch.row;
     for (j, (os, cs)) in out
         .chunks_mut(ctx.group * d)
         .zip(codes.chunks(ctx.group * d))
         .enumerate()
     {
-        for c0 in (0..d).step_by(CHANNEL_CHUNK) {
-            let width = CHANNEL_CHUNK.min(d - c0);
-            for i in 0..width {
-                grids.set(
-                    i,
-                    Grid::from_f16_bits(zeros[j * d + c0 + i], scales[j * d + c0 + i]),
-                );
-            }
-            for (dst, src) in os.chunks_exact_mut(d).zip(cs.chunks_exact(d)) {
-                let lanes = src[c0..c0 + width].iter().zip(&mut dst[c0..c0 + width]);
-                for (i, (&c, o)) in lanes.enumerate() {
-                    *o = minmax::value(c, grids.zero[i], grids.scale[i]);
-                }
-            }
+        let (group_scales, group_zeros) = (&scales[j * d..(j + 1) * d], &zeros[j * d..(j + 1) * d]);
+        for c in 0..d {
+            grids.zero[c] = minmax::f16_bits_to_f32(group_zeros[c]);
+            grids.scale[c] = minmax::f16_bits_to_f32(group_scales[c]);
+        }
+        for (dst, src) in os.chunks_exact_mut(d).zip(cs.chunks_exact(d)) {
+            minmax::value_row(src, dst, grids);
         }
     }
 }
@@ -512,23 +559,23 @@ fn decode_per_channel(
 // One entry point per operation, dispatching on the grouping, compiled per instruction set.
 
 #[inline(always)]
-fn fake_block(
+fn fake_block<const AVX2: bool>(
     ctx: &BlockCtx,
     groups: Groups,
     first_token: usize,
     x: &[f32],
     out: &mut [f32],
     scratch: &mut Scratch,
-) -> std::result::Result<(), Problem> {
+) -> Outcome {
     match groups {
-        Groups::PerToken => fake_per_token(ctx, first_token, x, out, &mut scratch.row),
-        Groups::PerChannel => fake_per_channel(ctx, first_token, x, out),
+        Groups::PerToken => fake_per_token::<AVX2>(ctx, first_token, x, out, scratch),
+        Groups::PerChannel => fake_per_channel::<AVX2>(ctx, first_token, x, out, &mut scratch.row),
     }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn encode_block(
+fn encode_block<const AVX2: bool>(
     ctx: &BlockCtx,
     groups: Groups,
     first_token: usize,
@@ -537,17 +584,19 @@ fn encode_block(
     scales: &mut [u16],
     zeros: &mut [u16],
     scratch: &mut Scratch,
-) -> std::result::Result<(), Problem> {
+) -> Outcome {
     match groups {
-        Groups::PerToken => encode_per_token(ctx, first_token, x, packed, scales, zeros, scratch),
+        Groups::PerToken => {
+            encode_per_token::<AVX2>(ctx, first_token, x, packed, scales, zeros, scratch)
+        }
         Groups::PerChannel => {
-            encode_per_channel(ctx, first_token, x, packed, scales, zeros, scratch)
+            encode_per_channel::<AVX2>(ctx, first_token, x, packed, scales, zeros, scratch)
         }
     }
 }
 
 #[inline(always)]
-fn decode_block(
+fn decode_block<const AVX2: bool>(
     ctx: &BlockCtx,
     groups: Groups,
     packed: &[u8],
@@ -565,21 +614,15 @@ fn decode_block(
 isa_variants! {
     fn fake_block_isa = fake_block(
         ctx: &BlockCtx, groups: Groups, first_token: usize, x: &[f32], out: &mut [f32], scratch: &mut Scratch,
-    ) -> std::result::Result<(), Problem>;
+    ) -> Outcome;
     fn encode_block_isa = encode_block(
         ctx: &BlockCtx, groups: Groups, first_token: usize, x: &[f32], packed: &mut [u8],
         scales: &mut [u16], zeros: &mut [u16], scratch: &mut Scratch,
-    ) -> std::result::Result<(), Problem>;
+    ) -> Outcome;
     fn decode_block_isa = decode_block(
         ctx: &BlockCtx, groups: Groups, packed: &[u8], scales: &[u16], zeros: &[u16], out: &mut [f32],
         scratch: &mut Scratch,
     ) -> ();
-}
-
-/// Per-worker buffers: unpacked codes of one block and one rotated token row.
-struct Scratch {
-    codes: Vec<u8>,
-    row: Vec<f32>,
 }
 
 /// Runs `task` over `tasks`, on rayon when `parallel`, each worker with its own scratch;
@@ -653,17 +696,28 @@ impl Scheme {
         }
     }
 
+    /// Buffers one worker needs for blocks of `rows` rows: codes for encode/decode, a rotated
+    /// copy for QuaRot, group arrays for per-token grouping.
     fn scratch_maker(
         &self,
         shape: TileShape,
         rows: usize,
         codes: bool,
     ) -> impl Fn() -> Scratch + Sync + Send {
-        let code_len = if codes { rows * shape.head_dim } else { 0 };
-        let row_len = if self.rotate { shape.head_dim } else { 0 };
+        let block = rows * shape.head_dim;
+        let code_len = if codes { block } else { 0 };
+        let rotated_len = if self.rotate { block } else { 0 };
+        let group_len = if self.groups == Groups::PerToken {
+            self.groups_in_rows(rows, shape.head_dim)
+        } else {
+            0
+        };
+        let head_dim = shape.head_dim;
         move || Scratch {
             codes: vec![0; code_len],
-            row: vec![0.0; row_len],
+            rotated: vec![0.0; rotated_len],
+            groups: GroupArrays::new(group_len),
+            row: RowGrids::new(head_dim),
         }
     }
 

@@ -76,7 +76,7 @@ pub(crate) fn f16_bits_exact(v: f32) -> u16 {
     }
 }
 
-/// Value of finite f16 bits (callers check [`f16_bits_finite`] first).
+/// Value of finite f16 bits (decode checks the metadata is finite first).
 #[inline(always)]
 pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
     let sign = ((h & 0x8000) as u32) << 16;
@@ -88,12 +88,6 @@ pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
     } else {
         normal
     }
-}
-
-/// Whether f16 bits encode a finite value.
-#[inline(always)]
-pub(crate) fn f16_bits_finite(h: u16) -> bool {
-    h & 0x7C00 != 0x7C00
 }
 
 /// `2^bits − 1` as f32.
@@ -134,19 +128,6 @@ impl Grid {
         }
     }
 
-    /// Grid from stored f16 parameters (decode side).
-    #[inline(always)]
-    pub fn from_f16_bits(zero: u16, scale: u16) -> Grid {
-        let zero = f16_bits_to_f32(zero);
-        let scale = f16_bits_to_f32(scale);
-        let inv_scale = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        Grid {
-            zero,
-            scale,
-            inv_scale,
-        }
-    }
-
     /// Whether zero-point and scale are finite f16 values (false for ranges beyond ±65504 or
     /// a step above 65504).
     #[inline(always)]
@@ -155,19 +136,13 @@ impl Grid {
     }
 
     /// Integer code of `x` (round to nearest, clamped to `0..=levels`).
-    #[inline(always)]
+    #[cfg(test)]
     pub fn code(&self, x: f32, levels: f32) -> u8 {
         code(x, self.zero, self.inv_scale, levels)
     }
 
-    /// Reconstruction of an integer code.
-    #[inline(always)]
-    pub fn value(&self, code: u8) -> f32 {
-        value(code, self.zero, self.scale)
-    }
-
     /// `value(code(x))` without leaving the float domain; identical bits.
-    #[inline(always)]
+    #[cfg(test)]
     pub fn fake(&self, x: f32, levels: f32) -> f32 {
         fake(x, self.zero, self.scale, self.inv_scale, levels)
     }
@@ -203,6 +178,34 @@ pub(crate) fn fake(x: f32, zero: f32, scale: f32, inv_scale: f32, levels: f32) -
     zero + scale * (code_magic(x, zero, inv_scale, levels) - ROUND_MAGIC)
 }
 
+/// Grids of many groups from their ranges, one vectorised loop; false if any does not fit f16.
+#[inline(always)]
+pub(crate) fn grids_of_ranges(
+    lo: &[f32],
+    hi: &[f32],
+    levels: f32,
+    zero: &mut [f32],
+    scale: &mut [f32],
+    inv_scale: &mut [f32],
+) -> bool {
+    let n = lo.len();
+    let (hi, zero, scale, inv_scale) = (
+        &hi[..n],
+        &mut zero[..n],
+        &mut scale[..n],
+        &mut inv_scale[..n],
+    );
+    let mut misfits = 0u32;
+    for k in 0..n {
+        let grid = Grid::covering(lo[k], hi[k], levels);
+        zero[k] = grid.zero;
+        scale[k] = grid.scale;
+        inv_scale[k] = grid.inv_scale;
+        misfits += !grid.fits_f16() as u32;
+    }
+    misfits == 0
+}
+
 /// The range `[lo, hi]` shrunk about its midpoint to `ratio` of its width.
 #[inline(always)]
 pub(crate) fn clip_range(lo: f32, hi: f32, ratio: f32) -> (f32, f32) {
@@ -213,9 +216,21 @@ pub(crate) fn clip_range(lo: f32, hi: f32, ratio: f32) -> (f32, f32) {
 
 const LANES: usize = 16;
 
-/// Minimum and maximum of a non-empty slice, and whether every element is finite.
+/// Minimum and maximum of a non-empty slice, and whether every element is finite; with
+/// `AVX2` (only inside AVX2-enabled code) by the hand-written kernel.
 #[inline(always)]
-pub(crate) fn min_max(x: &[f32]) -> (f32, f32, bool) {
+pub(crate) fn min_max<const AVX2: bool>(x: &[f32]) -> (f32, f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: callers instantiate AVX2 = true only after detecting AVX2 at run time.
+        return unsafe { avx2::min_max(x) };
+    }
+    min_max_scalar(x)
+}
+
+/// Portable [`min_max`] (the reference the AVX2 kernel is tested against).
+#[inline(always)]
+pub(crate) fn min_max_scalar(x: &[f32]) -> (f32, f32, bool) {
     let mut lo = [f32::INFINITY; LANES];
     let mut hi = [f32::NEG_INFINITY; LANES];
     // `v − v` is 0 for finite v and NaN for ±inf/NaN; NaN is sticky under addition.
@@ -234,30 +249,155 @@ pub(crate) fn min_max(x: &[f32]) -> (f32, f32, bool) {
         hi[i] = if v > hi[i] { v } else { hi[i] };
         poison[i] += v - v;
     }
-    let mut min = lo[0];
-    let mut max = hi[0];
-    let mut poisoned = poison[0];
-    for i in 1..LANES {
-        min = if lo[i] < min { lo[i] } else { min };
-        max = if hi[i] > max { hi[i] } else { max };
-        poisoned += poison[i];
+    // halving tree: each step is one vector operation on the upper and lower halves
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            lo[i] = if lo[i + width] < lo[i] {
+                lo[i + width]
+            } else {
+                lo[i]
+            };
+            hi[i] = if hi[i + width] > hi[i] {
+                hi[i + width]
+            } else {
+                hi[i]
+            };
+            poison[i] += poison[i + width];
+        }
+        width /= 2;
     }
-    (min, max, poisoned == 0.0)
+    (lo[0], hi[0], poison[0] == 0.0)
 }
 
-/// Writes `value(code(x))` for each element.
+/// Per-channel minimum and maximum of channels `c0..c0+W` over the rows (stride `head_dim`)
+/// of `xs`, and whether they are all finite.
 #[inline(always)]
-pub(crate) fn fake_slice(src: &[f32], dst: &mut [f32], grid: Grid, levels: f32) {
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = grid.fake(v, levels);
+pub(crate) fn column_min_max<const W: usize, const AVX2: bool>(
+    xs: &[f32],
+    head_dim: usize,
+    c0: usize,
+) -> ([f32; W], [f32; W], bool) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && W == 16 {
+        // SAFETY: callers instantiate AVX2 = true only after detecting AVX2 at run time.
+        let (lo, hi, finite) = unsafe { avx2::column_min_max16(xs, head_dim, c0) };
+        let mut lo_w = [0.0; W];
+        let mut hi_w = [0.0; W];
+        lo_w.copy_from_slice(&lo);
+        hi_w.copy_from_slice(&hi);
+        return (lo_w, hi_w, finite);
     }
+    column_min_max_scalar::<W>(xs, head_dim, c0)
 }
 
-/// Writes the integer code of each element.
+/// Portable [`column_min_max`].
 #[inline(always)]
-pub(crate) fn code_slice(src: &[f32], codes: &mut [u8], grid: Grid, levels: f32) {
-    for (c, &v) in codes.iter_mut().zip(src) {
-        *c = grid.code(v, levels);
+pub(crate) fn column_min_max_scalar<const W: usize>(
+    xs: &[f32],
+    head_dim: usize,
+    c0: usize,
+) -> ([f32; W], [f32; W], bool) {
+    let mut lo = [f32::INFINITY; W];
+    let mut hi = [f32::NEG_INFINITY; W];
+    let mut poison = [0.0f32; W];
+    for row in xs.chunks_exact(head_dim) {
+        let v: &[f32; W] = row[c0..c0 + W].try_into().expect("W channels");
+        for i in 0..W {
+            lo[i] = if v[i] < lo[i] { v[i] } else { lo[i] };
+            hi[i] = if v[i] > hi[i] { v[i] } else { hi[i] };
+            poison[i] += v[i] - v[i];
+        }
+    }
+    let mut finite = true;
+    for p in poison {
+        finite &= p == 0.0;
+    }
+    (lo, hi, finite)
+}
+
+/// Hand-written AVX2 range kernels: LLVM does not vectorise the min/max reductions well.
+/// Minima and maxima are exact whatever the instruction set, so results are identical to
+/// the portable versions (tests compare them); only the sign of a zero extreme can differ,
+/// which no reconstruction depends on.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Horizontal minimum, maximum and sum of the eight lanes.
+    #[target_feature(enable = "avx2")]
+    fn reduce(lo: __m256, hi: __m256, poison: __m256) -> (f32, f32, f32) {
+        let lo = _mm_min_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1));
+        let lo = _mm_min_ps(lo, _mm_movehl_ps(lo, lo));
+        let lo = _mm_min_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+        let hi = _mm_max_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1));
+        let hi = _mm_max_ps(hi, _mm_movehl_ps(hi, hi));
+        let hi = _mm_max_ss(hi, _mm_shuffle_ps(hi, hi, 1));
+        let p = _mm_add_ps(
+            _mm256_castps256_ps128(poison),
+            _mm256_extractf128_ps(poison, 1),
+        );
+        let p = _mm_add_ps(p, _mm_movehl_ps(p, p));
+        let p = _mm_add_ss(p, _mm_shuffle_ps(p, p, 1));
+        (_mm_cvtss_f32(lo), _mm_cvtss_f32(hi), _mm_cvtss_f32(p))
+    }
+
+    /// [`super::min_max`] with 8-lane AVX2 vectors.
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn min_max(x: &[f32]) -> (f32, f32, bool) {
+        let mut lo = _mm256_set1_ps(f32::INFINITY);
+        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+        // `v − v` is 0 for finite v and NaN for ±inf/NaN; NaN is sticky under addition.
+        let mut poison = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact(8);
+        for chunk in &mut chunks {
+            // SAFETY: the chunk holds 8 floats.
+            let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+            lo = _mm256_min_ps(v, lo);
+            hi = _mm256_max_ps(v, hi);
+            poison = _mm256_add_ps(poison, _mm256_sub_ps(v, v));
+        }
+        let (mut min, mut max, mut poisoned) = reduce(lo, hi, poison);
+        for &v in chunks.remainder() {
+            min = if v < min { v } else { min };
+            max = if v > max { v } else { max };
+            poisoned += v - v;
+        }
+        (min, max, poisoned == 0.0)
+    }
+
+    /// [`super::column_min_max`] of 16 channels: two vectors per row.
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn column_min_max16(
+        xs: &[f32],
+        head_dim: usize,
+        c0: usize,
+    ) -> ([f32; 16], [f32; 16], bool) {
+        let mut lo = [_mm256_set1_ps(f32::INFINITY); 2];
+        let mut hi = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+        let mut poison = [_mm256_setzero_ps(); 2];
+        for row in xs.chunks_exact(head_dim) {
+            let v = &row[c0..c0 + 16];
+            for h in 0..2 {
+                // SAFETY: `v` holds 16 floats.
+                let v = unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * h)) };
+                lo[h] = _mm256_min_ps(v, lo[h]);
+                hi[h] = _mm256_max_ps(v, hi[h]);
+                poison[h] = _mm256_add_ps(poison[h], _mm256_sub_ps(v, v));
+            }
+        }
+        let mut lo_out = [0.0f32; 16];
+        let mut hi_out = [0.0f32; 16];
+        let mut poison_out = [0.0f32; 16];
+        for h in 0..2 {
+            // SAFETY: each destination half holds 8 floats.
+            unsafe {
+                _mm256_storeu_ps(lo_out.as_mut_ptr().add(8 * h), lo[h]);
+                _mm256_storeu_ps(hi_out.as_mut_ptr().add(8 * h), hi[h]);
+                _mm256_storeu_ps(poison_out.as_mut_ptr().add(8 * h), poison[h]);
+            }
+        }
+        (lo_out, hi_out, poison_out.iter().all(|&p| p == 0.0))
     }
 }
 
@@ -272,41 +412,114 @@ fn clamp(v: f32, lo: f32, hi: f32) -> f32 {
     }
 }
 
-/// [`fake_slice`] of the values clamped into `[lo, hi]` (a clipped range).
-#[inline(always)]
-pub(crate) fn fake_slice_clamped(
-    src: &[f32],
-    dst: &mut [f32],
-    grid: Grid,
-    lo: f32,
-    hi: f32,
-    levels: f32,
-) {
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = grid.fake(clamp(v, lo, hi), levels);
+/// The grid of every channel of one token row, structure-of-arrays: per-channel groups share
+/// one row of grids over a token group; per-token groups repeat each group's grid over its
+/// channels. With grids laid out like the row, every element kernel is one long loop over
+/// the row that vectorises whatever the group size.
+pub(crate) struct RowGrids {
+    pub zero: Vec<f32>,
+    pub scale: Vec<f32>,
+    pub inv_scale: Vec<f32>,
+    /// Clamp range (QuaRot's clipped range); only read by the `_clamped` kernels.
+    pub lo: Vec<f32>,
+    pub hi: Vec<f32>,
+}
+
+impl RowGrids {
+    pub fn new(head_dim: usize) -> Self {
+        let row = vec![0.0; head_dim];
+        RowGrids {
+            zero: row.clone(),
+            scale: row.clone(),
+            inv_scale: row.clone(),
+            lo: row.clone(),
+            hi: row,
+        }
+    }
+
+    /// Gives channels `start..end` the grid `grid` and clamp range `[lo, hi]`.
+    #[inline(always)]
+    pub fn fill(&mut self, start: usize, end: usize, grid: Grid, lo: f32, hi: f32) {
+        self.zero[start..end].fill(grid.zero);
+        self.scale[start..end].fill(grid.scale);
+        self.inv_scale[start..end].fill(grid.inv_scale);
+        self.lo[start..end].fill(lo);
+        self.hi[start..end].fill(hi);
+    }
+
+    #[inline(always)]
+    pub fn set(&mut self, channel: usize, grid: Grid) {
+        self.zero[channel] = grid.zero;
+        self.scale[channel] = grid.scale;
+        self.inv_scale[channel] = grid.inv_scale;
     }
 }
 
-/// [`code_slice`] of the values clamped into `[lo, hi]` (a clipped range).
+/// Integer codes of a row.
 #[inline(always)]
-pub(crate) fn code_slice_clamped(
-    src: &[f32],
-    codes: &mut [u8],
-    grid: Grid,
-    lo: f32,
-    hi: f32,
-    levels: f32,
-) {
-    for (c, &v) in codes.iter_mut().zip(src) {
-        *c = grid.code(clamp(v, lo, hi), levels);
+pub(crate) fn code_row(src: &[f32], codes: &mut [u8], g: &RowGrids, levels: f32) {
+    let n = src.len();
+    let (codes, zero, inv) = (&mut codes[..n], &g.zero[..n], &g.inv_scale[..n]);
+    for i in 0..n {
+        codes[i] = code(src[i], zero[i], inv[i], levels);
     }
 }
 
-/// Writes the reconstruction of each code.
+/// Integer codes of a row whose values are first clamped into the grids' clamp ranges.
 #[inline(always)]
-pub(crate) fn value_slice(codes: &[u8], dst: &mut [f32], grid: Grid) {
-    for (d, &c) in dst.iter_mut().zip(codes) {
-        *d = grid.value(c);
+pub(crate) fn code_row_clamped(src: &[f32], codes: &mut [u8], g: &RowGrids, levels: f32) {
+    let n = src.len();
+    let (codes, zero, inv) = (&mut codes[..n], &g.zero[..n], &g.inv_scale[..n]);
+    let (lo, hi) = (&g.lo[..n], &g.hi[..n]);
+    for i in 0..n {
+        codes[i] = code(clamp(src[i], lo[i], hi[i]), zero[i], inv[i], levels);
+    }
+}
+
+/// `value(code(x))` of a row.
+#[inline(always)]
+pub(crate) fn fake_row(src: &[f32], dst: &mut [f32], g: &RowGrids, levels: f32) {
+    let n = src.len();
+    let (dst, zero, scale, inv) = (
+        &mut dst[..n],
+        &g.zero[..n],
+        &g.scale[..n],
+        &g.inv_scale[..n],
+    );
+    for i in 0..n {
+        dst[i] = fake(src[i], zero[i], scale[i], inv[i], levels);
+    }
+}
+
+/// `value(code(x))` of a row whose values are first clamped into the grids' clamp ranges.
+#[inline(always)]
+pub(crate) fn fake_row_clamped(src: &[f32], dst: &mut [f32], g: &RowGrids, levels: f32) {
+    let n = src.len();
+    let (dst, zero, scale, inv) = (
+        &mut dst[..n],
+        &g.zero[..n],
+        &g.scale[..n],
+        &g.inv_scale[..n],
+    );
+    let (lo, hi) = (&g.lo[..n], &g.hi[..n]);
+    for i in 0..n {
+        dst[i] = fake(
+            clamp(src[i], lo[i], hi[i]),
+            zero[i],
+            scale[i],
+            inv[i],
+            levels,
+        );
+    }
+}
+
+/// Reconstructions of a row of codes.
+#[inline(always)]
+pub(crate) fn value_row(codes: &[u8], dst: &mut [f32], g: &RowGrids) {
+    let n = codes.len();
+    let (dst, zero, scale) = (&mut dst[..n], &g.zero[..n], &g.scale[..n]);
+    for i in 0..n {
+        dst[i] = value(codes[i], zero[i], scale[i]);
     }
 }
 
@@ -375,10 +588,8 @@ mod tests {
         for h in 0..=u16::MAX {
             let v = f16::from_bits(h);
             if !v.is_finite() {
-                assert!(!f16_bits_finite(h));
                 continue;
             }
-            assert!(f16_bits_finite(h));
             let f = f16_bits_to_f32(h);
             assert_eq!(f.to_bits(), v.to_f32().to_bits(), "bits {h:#06x}");
             assert_eq!(f16_bits_exact(f), h, "bits {h:#06x}");
@@ -406,10 +617,52 @@ mod tests {
     #[test]
     fn min_max_detects_non_finite() {
         let mut x: Vec<f32> = (0..37).map(|i| i as f32 - 10.0).collect();
-        assert_eq!(min_max(&x), (-10.0, 26.0, true));
+        assert_eq!(min_max_scalar(&x), (-10.0, 26.0, true));
         x[33] = f32::NAN;
-        assert!(!min_max(&x).2);
+        assert!(!min_max_scalar(&x).2);
         x[33] = f32::NEG_INFINITY;
-        assert!(!min_max(&x).2);
+        assert!(!min_max_scalar(&x).2);
+    }
+
+    /// The AVX2 range kernels against the portable ones, non-finite values included.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_ranges_match_scalar() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut state = 12345u64;
+        for len in 1..200usize {
+            let mut x: Vec<f32> = (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.3) * 7.0
+                })
+                .collect();
+            // SAFETY: AVX2 detected above.
+            let simd = unsafe { avx2::min_max(&x) };
+            assert_eq!(simd, min_max_scalar(&x), "len {len}");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let keep = x[len / 2];
+                x[len / 2] = bad;
+                // SAFETY: AVX2 detected above.
+                assert!(!unsafe { avx2::min_max(&x) }.2, "len {len}: {bad} missed");
+                x[len / 2] = keep;
+            }
+            if len % 16 == 0 {
+                let d = 16;
+                for c0 in [0usize] {
+                    // SAFETY: AVX2 detected above.
+                    let simd = unsafe { avx2::column_min_max16(&x, d, c0) };
+                    assert_eq!(simd, column_min_max_scalar::<16>(&x, d, c0), "len {len}");
+                    x[len - 3] = f32::NAN;
+                    // SAFETY: AVX2 detected above.
+                    assert!(!unsafe { avx2::column_min_max16(&x, d, c0) }.2);
+                }
+            }
+        }
     }
 }
