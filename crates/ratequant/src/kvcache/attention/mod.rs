@@ -331,7 +331,15 @@ pub fn softmax_block(isa: Isa, scores: &mut [f32]) -> (f32, f32) {
 
 #[inline(always)]
 fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    // Eight running maxima so that the reduction vectorises.
+    let mut maxes = [f32::NEG_INFINITY; 8];
+    let mut chunks = scores.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (m, &x) in maxes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = chunks.remainder().iter().chain(&maxes).fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     if scores.is_empty() {
         return (max, 0.0);
     }
