@@ -31,7 +31,14 @@ pub trait KvCache {
     /// (`[heads, new_tokens, head_dim]`, heads a multiple of kv_heads: grouped-query, query
     /// head `h` reads KV head `h / (heads / kv_heads)`) over everything stored for that layer,
     /// shape `[heads, new_tokens, head_dim]`.
-    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, params: &AttnParams) -> Result<Tensor>;
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+    ) -> Result<Tensor>;
 
     /// Tokens stored so far (the position of the next token). The decoder calls `attend` for
     /// every layer of one step before `advance`.

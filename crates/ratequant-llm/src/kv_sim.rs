@@ -1,0 +1,359 @@
+//! Simulated KV quantization: K and V are stored in full precision and every unit (layer,
+//! KV head, K or V) is fake-quantized with its design and bits right before attention.
+//!
+//! What a call quantizes: at each [`KvCache::attend`] the unit's whole stored tile so far
+//! (`[tokens stored, head_dim]`, the new tokens included) is quantized as one tile with
+//! [`Quantizer::fake_quantize`], and every query of the call reads that quantized tile.
+//! * `eval` hands a whole chunk to one call, so each unit's chunk is quantized exactly once,
+//!   as a cache that quantizes a prefill block would. For designs whose groups span tokens
+//!   (KIVI keys: per channel over groups of `G` consecutive tokens) a query then sees keys
+//!   quantized with a min/max that includes up to `G − 1` later tokens of its group; per-token
+//!   designs (KIVI values, QuaRot, RTN-token) depend on nothing but the token itself.
+//! * Token-by-token decoding re-quantizes the tile at every step, so a trailing partial group
+//!   is re-fitted as it fills; completed groups come out the same at every step.
+//!
+//! `residual = R` keeps, for each query, the `R` most recent keys and values (its own
+//! included) in full precision, exactly per query (see
+//! [`crate::attention::attention_with_residual`]).
+//!
+//! Gradients do not flow through quantized K/V (the fake-quantized copy is a new tensor);
+//! calibration captures gradients over the full-precision cache.
+
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+use ratequant::formats::Plan;
+use ratequant::quant::{self, Kind, Quantizer, QuantizerSpec, TileShape};
+
+use crate::attention::attention_with_residual;
+use crate::kv::{AttnParams, KvCache};
+use crate::kv_fp::LayerStore;
+
+/// The design and bit-width one unit is quantized with.
+#[derive(Clone)]
+pub struct UnitQuant {
+    pub quantizer: Arc<dyn Quantizer>,
+    pub bits: u8,
+}
+
+impl std::fmt::Debug for UnitQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.quantizer.name(), self.bits)
+    }
+}
+
+/// How every unit of a model is quantized: `None` keeps the unit in full precision.
+#[derive(Debug, Clone)]
+pub struct KvQuantPlan {
+    num_layers: usize,
+    kv_heads: usize,
+    /// Indexed by `(layer · kv_heads + head) · 2 + kind` (K = 0, V = 1).
+    units: Vec<Option<UnitQuant>>,
+}
+
+impl KvQuantPlan {
+    /// Every unit in full precision (the simulated cache then equals [`crate::FpCache`]).
+    pub fn full_precision(num_layers: usize, kv_heads: usize) -> Self {
+        KvQuantPlan {
+            num_layers,
+            kv_heads,
+            units: vec![None; num_layers * kv_heads * 2],
+        }
+    }
+
+    /// Every unit with the same design and bits.
+    pub fn uniform(
+        quantizer: Arc<dyn Quantizer>,
+        bits: u8,
+        num_layers: usize,
+        kv_heads: usize,
+    ) -> Result<Self> {
+        quant::check_bits(bits).map_err(candle_core::Error::wrap)?;
+        let unit = UnitQuant { quantizer, bits };
+        Ok(KvQuantPlan {
+            num_layers,
+            kv_heads,
+            units: vec![Some(unit); num_layers * kv_heads * 2],
+        })
+    }
+
+    /// The plan a PLAN.json file describes, for a model of `num_layers` × `kv_heads` heads of
+    /// `head_dim`: the file must cover every unit of the model and nothing else.
+    pub fn from_plan(
+        plan: &Plan,
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let spec = plan.quantizer.spec().map_err(candle_core::Error::wrap)?;
+        let q: Arc<dyn Quantizer> =
+            Arc::from(quant::build(&spec).map_err(candle_core::Error::wrap)?);
+        q.check_head_dim(head_dim)
+            .map_err(candle_core::Error::wrap)?;
+        if let Some(u) = plan
+            .units
+            .iter()
+            .find(|u| u.layer >= num_layers || u.head >= kv_heads)
+        {
+            candle_core::bail!(
+                "the plan has a unit for layer {} head {} ({}), but the model has {num_layers} layers × {kv_heads} KV heads: \
+                 the plan was made for another model",
+                u.layer,
+                u.head,
+                u.kind.as_str()
+            );
+        }
+        let mut out = KvQuantPlan::full_precision(num_layers, kv_heads);
+        for layer in 0..num_layers {
+            for head in 0..kv_heads {
+                for kind in [Kind::K, Kind::V] {
+                    let bits = plan.bits(layer, head, kind).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "the plan has no unit for layer {layer} head {head} ({}), but the model has {num_layers} layers × \
+                             {kv_heads} KV heads: the plan was made for another model",
+                            kind.as_str()
+                        ))
+                    })?;
+                    out.set(
+                        layer,
+                        head,
+                        kind,
+                        Some(UnitQuant {
+                            quantizer: q.clone(),
+                            bits,
+                        }),
+                    )?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets one unit; errors name the unit when it lies outside the model.
+    pub fn set(
+        &mut self,
+        layer: usize,
+        head: usize,
+        kind: Kind,
+        unit: Option<UnitQuant>,
+    ) -> Result<()> {
+        if layer >= self.num_layers || head >= self.kv_heads {
+            candle_core::bail!(
+                "unit (layer {layer}, head {head}, {}) is outside the model's {} layers × {} KV heads",
+                kind.as_str(),
+                self.num_layers,
+                self.kv_heads
+            );
+        }
+        if let Some(u) = &unit {
+            quant::check_bits(u.bits).map_err(candle_core::Error::wrap)?;
+        }
+        let i = self.index(layer, head, kind);
+        self.units[i] = unit;
+        Ok(())
+    }
+
+    pub fn unit(&self, layer: usize, head: usize, kind: Kind) -> Option<&UnitQuant> {
+        self.units
+            .get(self.index(layer, head, kind))
+            .and_then(Option::as_ref)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    /// Mean nominal bits over quantized units (full-precision units excluded), if any.
+    pub fn mean_bits(&self) -> Option<f64> {
+        let bits: Vec<f64> = self.units.iter().flatten().map(|u| u.bits as f64).collect();
+        (!bits.is_empty()).then(|| bits.iter().sum::<f64>() / bits.len() as f64)
+    }
+
+    /// Checks every design can serve heads of `head_dim` (QuaRot needs a power of two).
+    pub fn check_head_dim(&self, head_dim: usize) -> Result<()> {
+        for u in self.units.iter().flatten() {
+            u.quantizer
+                .check_head_dim(head_dim)
+                .map_err(candle_core::Error::wrap)?;
+        }
+        Ok(())
+    }
+
+    fn index(&self, layer: usize, head: usize, kind: Kind) -> usize {
+        (layer * self.kv_heads + head) * 2 + matches!(kind, Kind::V) as usize
+    }
+}
+
+/// A KV cache choice as written on the command line: `fp`, or a quantizer spec and bits,
+/// `DESIGN[:PARAMS]:BITS` (`kivi:2`, `quarot:4`, `kivi:g=64:2`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum KvSpec {
+    FullPrecision,
+    Uniform { quantizer: QuantizerSpec, bits: u8 },
+}
+
+impl KvSpec {
+    pub fn parse(s: &str) -> std::result::Result<KvSpec, String> {
+        let s = s.trim();
+        if s == "fp" || s == "f32" {
+            return Ok(KvSpec::FullPrecision);
+        }
+        let (design, bits) = s.rsplit_once(':').ok_or_else(|| {
+            format!("KV spec `{s}`: expected `fp` or DESIGN:BITS such as `kivi:2` or `quarot:4`")
+        })?;
+        let bits: u8 = bits.parse().map_err(|_| {
+            format!(
+                "KV spec `{s}`: bits must be an integer in 1..=8 after the last `:`, got `{bits}`"
+            )
+        })?;
+        quant::check_bits(bits).map_err(|e| format!("KV spec `{s}`: {e}"))?;
+        let quantizer = QuantizerSpec::parse(design).map_err(|e| format!("KV spec `{s}`: {e}"))?;
+        Ok(KvSpec::Uniform { quantizer, bits })
+    }
+
+    /// The plan this spec means for a model (`None` for full precision).
+    pub fn plan(
+        &self,
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Option<KvQuantPlan>> {
+        match self {
+            KvSpec::FullPrecision => Ok(None),
+            KvSpec::Uniform { quantizer, bits } => {
+                let q: Arc<dyn Quantizer> =
+                    Arc::from(quant::build(quantizer).map_err(candle_core::Error::wrap)?);
+                q.check_head_dim(head_dim)
+                    .map_err(candle_core::Error::wrap)?;
+                Ok(Some(KvQuantPlan::uniform(q, *bits, num_layers, kv_heads)?))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for KvSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvSpec::FullPrecision => f.write_str("fp"),
+            KvSpec::Uniform { quantizer, bits } => write!(f, "{quantizer}:{bits}"),
+        }
+    }
+}
+
+/// K/V stored in full precision, fake-quantized per unit before every attention.
+#[derive(Debug, Clone)]
+pub struct SimQuantCache {
+    plan: KvQuantPlan,
+    residual: usize,
+    store: LayerStore,
+    len: usize,
+}
+
+impl SimQuantCache {
+    /// A cache quantizing by `plan`, keeping the `residual` most recent tokens of each query in
+    /// full precision.
+    pub fn new(plan: KvQuantPlan, residual: usize) -> Self {
+        let store = LayerStore::new(plan.num_layers);
+        SimQuantCache {
+            plan,
+            residual,
+            store,
+            len: 0,
+        }
+    }
+
+    pub fn plan(&self) -> &KvQuantPlan {
+        &self.plan
+    }
+
+    pub fn residual(&self) -> usize {
+        self.residual
+    }
+
+    /// Fake-quantizes every head of `x` (`[kv_heads, tokens, head_dim]`) of `layer` as one
+    /// tile per head. Heads whose unit is full precision are copied unchanged.
+    fn quantize(&self, layer: usize, kind: Kind, x: &Tensor) -> Result<Tensor> {
+        let (kv_heads, tokens, head_dim) = x.dims3()?;
+        if kv_heads != self.plan.kv_heads {
+            candle_core::bail!(
+                "layer {layer}: {kv_heads} KV heads, the plan has {}",
+                self.plan.kv_heads
+            );
+        }
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let shape = TileShape { tokens, head_dim };
+        let tile_len = shape.len();
+        let mut out = vec![0f32; data.len()];
+        out.par_chunks_mut(tile_len.max(1))
+            .zip(data.par_chunks(tile_len.max(1)))
+            .enumerate()
+            .try_for_each(
+                |(head, (dst, src))| match self.plan.unit(layer, head, kind) {
+                    None => {
+                        dst.copy_from_slice(src);
+                        Ok(())
+                    }
+                    Some(u) => u
+                        .quantizer
+                        .fake_quantize(src, shape, kind, u.bits, dst)
+                        .map_err(|e| {
+                            candle_core::Error::Msg(format!(
+                                "layer {layer} head {head} {}: {e}",
+                                kind.as_str()
+                            ))
+                        }),
+                },
+            )?;
+        Tensor::from_vec(out, (kv_heads, tokens, head_dim), x.device())
+    }
+}
+
+impl KvCache for SimQuantCache {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+    ) -> Result<Tensor> {
+        if layer >= self.plan.num_layers {
+            candle_core::bail!(
+                "the KV plan covers {} layers, the model asked for layer {layer}",
+                self.plan.num_layers
+            );
+        }
+        let (k_all, v_all) = self.store.append(layer, k, v, self.len)?;
+        let k_q = self.quantize(layer, Kind::K, &k_all)?;
+        let v_q = self.quantize(layer, Kind::V, &v_all)?;
+        attention_with_residual(
+            q,
+            &k_all,
+            &v_all,
+            &k_q,
+            &v_q,
+            self.len,
+            self.residual,
+            params,
+        )
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn advance(&mut self, new_tokens: usize) {
+        self.len += new_tokens;
+    }
+
+    fn reset(&mut self) {
+        self.store.clear();
+        self.len = 0;
+    }
+}
