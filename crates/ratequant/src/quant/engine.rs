@@ -371,7 +371,7 @@ fn encode_per_token<const AVX2: bool>(
     {
         (*s, *z) = (minmax::f16_bits_exact(scale), minmax::f16_bits_exact(zero));
     }
-    pack_unchecked(codes, ctx.bits, packed);
+    pack_unchecked::<AVX2>(codes, ctx.bits, packed);
     Ok(())
 }
 
@@ -522,7 +522,7 @@ fn encode_per_channel<const AVX2: bool>(
             minmax::code_row(src, dst, grids, ctx.levels);
         }
     }
-    pack_unchecked(codes, ctx.bits, packed);
+    pack_unchecked::<AVX2>(codes, ctx.bits, packed);
     Ok(())
 }
 
