@@ -11,6 +11,7 @@ pub mod eval;
 pub mod gguf;
 pub mod hf;
 pub mod kv;
+pub mod kv_packed;
 pub mod kv_fp;
 pub mod kv_sim;
 pub mod loader;
