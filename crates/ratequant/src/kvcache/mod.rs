@@ -287,6 +287,7 @@ impl PackedKvCache {
     /// `len(layer)..len(layer)+tokens` and returns causal attention of `q`
     /// (`[heads, tokens, head_dim]`, query head `h` reading KV head `h / (heads / kv_heads)`),
     /// shape `[heads, tokens, head_dim]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &mut self,
         layer: usize,

@@ -4,6 +4,9 @@
 //! serves every position. Up to 4 bits they fit one 32-bit word ([`WordUnpack`]: broadcast,
 //! per-lane shift, mask, convert); wider codes take one byte shuffle more ([`ShuffleUnpack`]).
 
+// Indexing accumulator arrays by row and chunk keeps the register blocking readable.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 /// Turns eight consecutive `b`-bit codes (always `b` whole bytes) into eight f32 lanes.

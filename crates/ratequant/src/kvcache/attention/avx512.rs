@@ -4,6 +4,9 @@
 //! four 128-bit blocks, `vpshufb` gives each 32-bit lane the two bytes its code starts in,
 //! `vpsrlvd` shifts each lane by its bit offset, mask, convert to f32.
 
+// Indexing accumulator arrays by row and chunk keeps the register blocking readable.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 struct Unpack {

@@ -339,7 +339,11 @@ fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
             *m = if x > *m { x } else { *m };
         }
     }
-    let max = chunks.remainder().iter().chain(&maxes).fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&maxes)
+        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     if scores.is_empty() {
         return (max, 0.0);
     }
