@@ -252,3 +252,47 @@ fn budget_rounding_is_exact_for_decimal_budgets() {
     assert_eq!(element_bit_budget(2.5, 3), 7);
     assert_eq!(element_bit_budget(2.0, 7), 14);
 }
+
+#[test]
+fn oversized_exact_problem_is_refused_before_allocating() {
+    // Coprime, large element counts: the DP would need billions of states.
+    let allowed = BitList::new([1, 3]).unwrap();
+    let elements = [1_000_000_007u64, 1_000_000_009, 999_999_937];
+    let costs = vec![1.0, 0.1, 1.0, 0.1, 1.0, 0.1];
+    let n: u64 = elements.iter().sum();
+    let err = allocate_integer(&elements, &costs, &allowed, 2 * n)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cell table"), "{err}");
+}
+
+#[test]
+fn units_without_distortion_only_take_leftover_bits() {
+    let unit = |alpha: f64| ModelUnit {
+        elements: 10,
+        weight: 1.0,
+        alpha,
+        beta: 4.0,
+    };
+    let units = [unit(1.0), unit(0.0), unit(3.0)];
+    // Budget below saturation: the α = 0 unit stays at the minimum.
+    let c = water_fill(&units, 1.0, 8.0, 3.0 * 30.0).unwrap();
+    assert_eq!(c.bits[1], 1.0);
+    assert!(c.water_level > 0.0);
+    // Budget beyond what the others can take: they sit at the maximum, it takes the rest.
+    let c = water_fill(&units, 1.0, 8.0, 7.0 * 30.0).unwrap();
+    assert_eq!((c.bits[0], c.bits[2]), (8.0, 8.0));
+    assert!((c.bits[1] - 5.0).abs() < 1e-12);
+    assert_eq!(c.water_level, 0.0);
+    // β ≤ 1 has no water-filling solution: an error, not NaN.
+    let bad = [ModelUnit {
+        elements: 10,
+        weight: 1.0,
+        alpha: 1.0,
+        beta: 0.9,
+    }];
+    assert!(water_fill(&bad, 1.0, 8.0, 30.0)
+        .unwrap_err()
+        .to_string()
+        .contains("β"));
+}
