@@ -27,7 +27,7 @@ fn tile() -> Vec<f32> {
             let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
             // per-channel spread with a few outlier channels, like real keys
             let channel = i % HEAD_DIM;
-            u * if channel % 31 == 0 {
+            u * if channel.is_multiple_of(31) {
                 30.0
             } else {
                 1.0 + (channel % 5) as f32

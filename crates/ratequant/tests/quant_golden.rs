@@ -1,6 +1,9 @@
 //! Golden tests: small tiles whose codes, f16 parameters and reconstructions were computed by
 //! hand (the derivations are in the comments).
 
+// The expected values are exact f16/f32 numbers written out in full.
+#![allow(clippy::excessive_precision)]
+
 use half::f16;
 use ratequant::quant::{self, Kind, QuantizerSpec, TileShape};
 

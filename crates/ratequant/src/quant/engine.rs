@@ -87,10 +87,12 @@ fn has(isa: Isa) -> bool {
 /// kernels of `minmax::avx2`.
 macro_rules! isa_variants {
     ($(fn $name:ident = $generic:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty;)*) => {$(
+        #[allow(clippy::too_many_arguments)]
         fn $name(isa: Isa, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     $generic::<true>($($arg),*)
                 }
@@ -193,11 +195,11 @@ impl GroupArrays {
 /// non-finite original value.
 #[inline(always)]
 fn rotate_rows(x: &[f32], head_dim: usize, rotated: &mut [f32]) -> Outcome {
-    // `v − v` is 0 for finite v and NaN for ±inf/NaN; NaN is sticky under addition.
+    // `v·0` is ±0 for finite v and NaN for ±inf/NaN; NaN is sticky under addition.
     let mut poison = 0.0f32;
     for (b, &v) in rotated.iter_mut().zip(x) {
         *b = v;
-        poison += v - v;
+        poison += v * 0.0;
     }
     if poison != 0.0 {
         return Err(Problem::NonFinite);
