@@ -296,7 +296,7 @@ pub fn water_fill(
     if units.is_empty() {
         return Err(Error::invalid("no units to allocate"));
     }
-    if !(lo <= hi) {
+    if lo.is_nan() || hi.is_nan() || lo > hi {
         return Err(Error::invalid(format!("empty bit range [{lo}, {hi}]")));
     }
     let n: Vec<f64> = units.iter().map(|u| u.elements as f64).collect();

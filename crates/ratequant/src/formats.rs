@@ -247,14 +247,14 @@ impl Calib {
                     u.tokens * u.head_dim
                 ));
             }
-            non_negative_finite(&at("importance"), u.importance)?;
-            non_negative_finite(&at("variance"), u.variance)?;
-            non_negative_finite(&at("mean_square"), u.mean_square)?;
-            non_negative_finite(&at("metadata_bits"), u.metadata_bits)?;
-            non_negative_finite(&at("alpha"), u.alpha)?;
-            check_table(&at("distortion"), &u.distortion, n_bits)?;
+            non_negative_finite(at("importance"), u.importance)?;
+            non_negative_finite(at("variance"), u.variance)?;
+            non_negative_finite(at("mean_square"), u.mean_square)?;
+            non_negative_finite(at("metadata_bits"), u.metadata_bits)?;
+            non_negative_finite(at("alpha"), u.alpha)?;
+            check_table(at("distortion"), &u.distortion, n_bits)?;
             if let Some(w) = &u.weighted_distortion {
-                check_table(&at("weighted_distortion"), w, n_bits)?;
+                check_table(at("weighted_distortion"), w, n_bits)?;
             } else if self.target == DistortionTarget::Weighted {
                 return Err(format!(
                     "{} is missing but target is \"weighted\"",
@@ -268,11 +268,11 @@ impl Calib {
                         at("beta")
                     ))
                 }
-                (_, Some(b)) => positive_finite(&at("beta"), b)?,
+                (_, Some(b)) => positive_finite(at("beta"), b)?,
                 _ => {}
             }
             if let Some(r2) = u.r2 {
-                finite(&at("r2"), r2)?;
+                finite(at("r2"), r2)?;
             }
             if let Some(b) = u.fit_points.iter().find(|&&b| !self.fit_bits.contains(b)) {
                 return Err(format!(
