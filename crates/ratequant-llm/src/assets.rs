@@ -408,6 +408,8 @@ impl AssetCache {
                 out.as_file()
                     .sync_all()
                     .map_err(|e| LoadError::io(out.path(), e))?;
+                // Temp files are private (0600); an installed asset is an ordinary readable file.
+                set_readable(out.path(), false)?;
                 out.persist(&target)
                     .map_err(|e| LoadError::io(&target, e.error))?;
             }
@@ -441,6 +443,7 @@ impl AssetCache {
                         actual: digest,
                     });
                 }
+                set_readable(staging.path(), true)?;
                 let staged = staging.keep();
                 if let Err(e) = std::fs::rename(&staged, &target) {
                     let _ = std::fs::remove_dir_all(&staged);
@@ -463,6 +466,20 @@ impl AssetCache {
         );
         Ok(target)
     }
+}
+
+/// Gives an installed file mode 0644 (directory 0755) instead of the temp file's 0600.
+fn set_readable(path: &Path, dir: bool) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if dir { 0o755 } else { 0o644 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| LoadError::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, dir);
+    Ok(())
 }
 
 /// Passes writes through while hashing them.
