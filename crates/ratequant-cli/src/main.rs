@@ -17,6 +17,8 @@ enum Command {
     Fit(cmd::fit::FitArgs),
     /// Allocate bits per unit from a CALIB.json at a mean-bits budget (writes PLAN.json).
     Allocate(cmd::allocate::AllocateArgs),
+    /// Perplexity, KL divergence and top-1 agreement of a KV cache setting on a model and text.
+    Eval(cmd::eval::EvalArgs),
     /// Download, verify and cache models and texts (smollm2, qwen2.5-0.5b, gemma3-270m, botchan, brown); `--list` shows them.
     Fetch(cmd::fetch::FetchArgs),
 }
@@ -26,6 +28,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Fit(args) => cmd::fit::run(args),
         Command::Allocate(args) => cmd::allocate::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
         Command::Fetch(args) => cmd::fetch::run(args),
     }
 }
