@@ -622,15 +622,15 @@ mod tests {
             assert_eq!(l.split(',').count(), CSV_COLUMNS.len(), "{l}");
         }
         assert!(
-            lines[3].starts_with("kivi,2,mismatched,quarot,"),
+            lines[4].starts_with("kivi,2,mismatched,quarot,"),
             "{}",
-            lines[3]
-        );
-        assert!(lines[4].ends_with(",no plan"), "{}", lines[4]);
-        assert!(
-            lines[4].contains(",,"),
-            "NaN metrics are empty fields: {}",
             lines[4]
+        );
+        assert!(lines[5].ends_with(",no plan"), "{}", lines[5]);
+        assert!(
+            lines[5].contains(",,"),
+            "NaN metrics are empty fields: {}",
+            lines[5]
         );
         assert_eq!(csv_field("a,\"b\""), "\"a,\"\"b\"\"\"");
     }
