@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod sweep;
 
 #[derive(Parser)]
 #[command(name = "ratequant", version, about = "Per-head bit allocation for quantized LLM KV caches")]
@@ -19,6 +20,10 @@ enum Command {
     Allocate(cmd::allocate::AllocateArgs),
     /// Perplexity, KL divergence and top-1 agreement of a KV cache setting on a model and text.
     Eval(cmd::eval::EvalArgs),
+    /// Capture a model's K/V and Fisher importance on calibration text and fit each design (writes DIR/<design>.json).
+    Calibrate(cmd::calibrate::CalibrateArgs),
+    /// Calibrate, allocate and evaluate every design × budget × policy; write results, report and figures (resumable).
+    Sweep(cmd::sweep::SweepArgs),
     /// Download, verify and cache models and texts (smollm2, qwen2.5-0.5b, gemma3-270m, botchan, brown); `--list` shows them.
     Fetch(cmd::fetch::FetchArgs),
 }
@@ -29,6 +34,8 @@ fn main() -> anyhow::Result<()> {
         Command::Fit(args) => cmd::fit::run(args),
         Command::Allocate(args) => cmd::allocate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Calibrate(args) => cmd::calibrate::run(args),
+        Command::Sweep(args) => cmd::sweep::run(args),
         Command::Fetch(args) => cmd::fetch::run(args),
     }
 }

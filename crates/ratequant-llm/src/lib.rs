@@ -3,16 +3,18 @@
 //! text → [`tokenizer`] → tokens → [`decoder`] (weights from [`gguf`] or [`hf`], configured by
 //! [`config`]) → K/V through a [`kv::KvCache`] → logits → [`eval`] metrics.
 
-pub mod assets;
 pub mod attention;
+pub mod calibrate;
+pub mod assets;
 pub mod config;
 pub mod decoder;
 pub mod eval;
+pub mod frozen;
 pub mod gguf;
 pub mod hf;
 pub mod kv;
-pub mod kv_packed;
 pub mod kv_fp;
+pub mod kv_packed;
 pub mod kv_sim;
 pub mod loader;
 pub mod model;
