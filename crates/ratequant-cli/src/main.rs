@@ -6,7 +6,11 @@ mod cmd;
 mod sweep;
 
 #[derive(Parser)]
-#[command(name = "ratequant", version, about = "Per-head bit allocation for quantized LLM KV caches")]
+#[command(
+    name = "ratequant",
+    version,
+    about = "Per-head bit allocation for quantized LLM KV caches"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

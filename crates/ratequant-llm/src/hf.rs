@@ -128,17 +128,18 @@ fn build_config(
             format!("num_attention_heads {num_heads} must be a positive multiple of num_key_value_heads {num_kv_heads}"),
         ));
     }
-    let head_dim =
-        match opt_usize(cfg, "head_dim", path)? {
-            Some(d) => d,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-            None => return Err(LoadError::format(
+    let head_dim = match opt_usize(cfg, "head_dim", path)? {
+        Some(d) => d,
+        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        None => {
+            return Err(LoadError::format(
                 path,
                 format!(
                     "hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     if let Some(scaling) = cfg.get("rope_scaling").filter(|v| !v.is_null()) {
         let kind = scaling
             .get("rope_type")
@@ -320,12 +321,14 @@ fn read_safetensors_dir(dir: &Path) -> Result<Vec<(String, Tensor, PathBuf)>> {
                     .chunks_exact(2)
                     .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                     .collect(),
-                other => return Err(LoadError::format(
-                    &file,
-                    format!(
+                other => {
+                    return Err(LoadError::format(
+                        &file,
+                        format!(
                         "tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 are supported"
                     ),
-                )),
+                    ))
+                }
             };
             let t = Tensor::from_vec(values, view.shape(), &Device::Cpu)
                 .map_err(|e| LoadError::format(&file, format!("tensor `{name}`: {e}")))?;

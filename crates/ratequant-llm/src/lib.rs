@@ -3,9 +3,9 @@
 //! text → [`tokenizer`] → tokens → [`decoder`] (weights from [`gguf`] or [`hf`], configured by
 //! [`config`]) → K/V through a [`kv::KvCache`] → logits → [`eval`] metrics.
 
+pub mod assets;
 pub mod attention;
 pub mod calibrate;
-pub mod assets;
 pub mod config;
 pub mod decoder;
 pub mod eval;

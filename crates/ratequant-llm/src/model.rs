@@ -21,9 +21,9 @@ pub struct Weights {
 impl Weights {
     /// The tensor `name`, or an error naming it.
     pub fn get(&self, name: &str) -> candle_core::Result<&Tensor> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("weight `{name}` is missing from the checkpoint")))
+        self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("weight `{name}` is missing from the checkpoint"))
+        })
     }
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)

@@ -150,7 +150,10 @@ fn chunks_are_joined_in_order_verified_and_installed_once() {
     let path = s.cache.ensure(asset).unwrap();
     assert_eq!(path, s.cache.path_of(asset));
     assert_eq!(std::fs::read(&path).unwrap(), s.chunks.concat());
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
     assert_eq!(calls(&s), 3);
     assert_eq!(
         std::fs::read_to_string(&s.log).unwrap(),

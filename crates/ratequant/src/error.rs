@@ -20,7 +20,10 @@ impl Error {
         Error::Invalid(msg.into())
     }
     pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::File { path: path.into(), msg: msg.into() }
+        Error::File {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }
 
