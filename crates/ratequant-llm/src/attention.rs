@@ -106,6 +106,69 @@ pub fn attention_with_residual(
     out.reshape((g.heads, g.t, g.d))
 }
 
+/// Attention where each KV head decides, per (query, key), whether that key and that value are
+/// read in full precision (`k_fp`/`v_fp`) or quantized (`k_q`/`v_q`): `k_fp_mask` and
+/// `v_fp_mask` are u8 `[kv_heads, T, S]`, 1 = full precision. Keys and values have separate
+/// masks because a cache may hold them under different rules (the packed cache quantizes
+/// KIVI keys by completed groups and per-token values by a residual window). One softmax over
+/// the mixed scores; the output is `P·(mask_v ? V_fp : V_q)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_precision_masks(
+    q: &Tensor,
+    k_fp: &Tensor,
+    v_fp: &Tensor,
+    k_q: &Tensor,
+    v_q: &Tensor,
+    q_start: usize,
+    k_fp_mask: &Tensor,
+    v_fp_mask: &Tensor,
+    params: &AttnParams,
+) -> Result<Tensor> {
+    let g = Grouping::new(q, k_fp, v_fp, q_start)?;
+    if k_q.dims() != k_fp.dims() || v_q.dims() != v_fp.dims() {
+        candle_core::bail!(
+            "quantized K/V {:?}/{:?} differ in shape from full-precision K/V {:?}/{:?}",
+            k_q.dims(),
+            v_q.dims(),
+            k_fp.dims(),
+            v_fp.dims()
+        );
+    }
+    for (name, mask) in [("key", k_fp_mask), ("value", v_fp_mask)] {
+        if mask.dims() != [g.kv_heads, g.t, g.s] {
+            candle_core::bail!(
+                "{name} precision mask {:?} must be [kv_heads {}, queries {}, keys {}]",
+                mask.dims(),
+                g.kv_heads,
+                g.t,
+                g.s
+            );
+        }
+    }
+    let four_d = (g.kv_heads, g.group, g.t, g.s);
+    let spread = |m: &Tensor| -> Result<Tensor> {
+        m.reshape((g.kv_heads, 1, g.t, g.s))?.broadcast_as(four_d)
+    };
+    let (k_mask, v_mask) = (spread(k_fp_mask)?, spread(v_fp_mask)?);
+    let qg = g.grouped_queries(q)?;
+    let scores_fp = qg.matmul(&k_fp.t()?)?.reshape(four_d)?;
+    let scores_q = qg.matmul(&k_q.t()?)?.reshape(four_d)?;
+    let scores = k_mask.where_cond(&scores_fp, &scores_q)?;
+    let probs = if params.differentiable {
+        let mask = causal_mask(g.t, g.s, q_start, params.sliding_window, q.device())?;
+        candle_nn::ops::softmax(&(scores * params.scale)?.broadcast_add(&mask)?, D::Minus1)?
+    } else {
+        let flat = scores.reshape((g.kv_heads, g.group * g.t, g.s))?;
+        masked_softmax(&flat, g.t, q_start, params.scale, params.sliding_window)?.reshape(four_d)?
+    };
+    let zeros = probs.zeros_like()?;
+    let p_fp = v_mask.where_cond(&probs, &zeros)?;
+    let p_q = v_mask.where_cond(&zeros, &probs)?;
+    let flat = (g.kv_heads, g.group * g.t, g.s);
+    let out = (p_fp.reshape(flat)?.matmul(v_fp)? + p_q.reshape(flat)?.matmul(v_q)?)?;
+    out.reshape((g.heads, g.t, g.d))
+}
+
 /// Shapes of one attention call, checked.
 struct Grouping {
     heads: usize,

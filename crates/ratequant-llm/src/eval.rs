@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::decoder::Decoder;
 use crate::kv::KvCache;
 use crate::kv_fp::FpCache;
-use crate::kv_sim::{KvQuantPlan, SimQuantCache};
+use crate::kv_sim::{KvQuantPlan, SimQuantCache, SimSemantics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -327,6 +327,8 @@ pub struct EvalReport {
 pub struct QuantSetting<'a> {
     pub plan: &'a KvQuantPlan,
     pub residual: usize,
+    /// Tile (the historical default) or exactly the packed cache's storage rule.
+    pub semantics: SimSemantics,
 }
 
 /// Evaluates `decoder` on `tokens` (the whole text, tokenized with BOS as the model adds it).
@@ -376,7 +378,7 @@ pub fn evaluate(
     let mut fp_cache = FpCache::new(config.num_layers);
     let mut quant_cache = quant
         .as_ref()
-        .map(|q| SimQuantCache::new(q.plan.clone(), q.residual));
+        .map(|q| SimQuantCache::with_semantics(q.plan.clone(), q.residual, q.semantics));
     for (i, chunk) in chunks.iter().enumerate() {
         fp_cache.reset();
         let t0 = Instant::now();

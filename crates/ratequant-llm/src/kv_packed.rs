@@ -4,10 +4,11 @@
 //!
 //! Residual semantics are the core cache's (issue 5, KIVI as published): KIVI keys stay in
 //! full precision until their group of `G` tokens is complete; every per-token unit keeps its
-//! `residual` most recent tokens in full precision. For per-token designs (QuaRot, RTN-token,
-//! and KIVI's values) that is exactly what [`crate::SimQuantCache`] simulates with the same
-//! window; KIVI *keys* differ (the simulation re-fits the trailing partial group and keeps the
-//! window in full precision instead).
+//! `residual` most recent tokens in full precision. [`crate::SimQuantCache`] under
+//! [`crate::SimSemantics::Packed`] simulates exactly this (same logits up to float rounding);
+//! its default tile semantics agree for per-token designs (QuaRot, RTN-token, KIVI's values)
+//! but not for KIVI *keys* (the tile simulation re-fits the trailing partial group and keeps
+//! the window in full precision instead).
 
 use candle_core::{DType, Result, Tensor};
 
@@ -56,13 +57,7 @@ impl PackedCache {
         head_dim: usize,
         residual: usize,
     ) -> Result<Self> {
-        let units = vec![
-            UnitFormat {
-                quantizer: quantizer.clone(),
-                bits
-            };
-            layers * kv_heads * 2
-        ];
+        let units = uniform_units(quantizer, bits, layers, kv_heads);
         PackedCache::new(layers, kv_heads, head_dim, &units, residual)
     }
 
@@ -74,38 +69,7 @@ impl PackedCache {
         head_dim: usize,
         residual: usize,
     ) -> Result<Self> {
-        let quantizer = plan.quantizer.spec().map_err(wrap)?;
-        if let Some(u) = plan
-            .units
-            .iter()
-            .find(|u| u.layer >= layers || u.head >= kv_heads)
-        {
-            candle_core::bail!(
-                "the plan has a unit for layer {} head {} ({}), but the model has {layers} layers × {kv_heads} KV heads: \
-                 the plan was made for another model",
-                u.layer,
-                u.head,
-                u.kind.as_str()
-            );
-        }
-        let mut units = Vec::with_capacity(layers * kv_heads * 2);
-        for layer in 0..layers {
-            for head in 0..kv_heads {
-                for kind in [Kind::K, Kind::V] {
-                    let bits = plan.bits(layer, head, kind).ok_or_else(|| {
-                        candle_core::Error::Msg(format!(
-                            "the plan has no unit for layer {layer} head {head} ({}), but the model has {layers} layers × \
-                             {kv_heads} KV heads: the plan was made for another model",
-                            kind.as_str()
-                        ))
-                    })?;
-                    units.push(UnitFormat {
-                        quantizer: quantizer.clone(),
-                        bits,
-                    });
-                }
-            }
-        }
+        let units = plan_units(plan, layers, kv_heads)?;
         PackedCache::new(layers, kv_heads, head_dim, &units, residual)
     }
 
@@ -121,6 +85,61 @@ impl PackedCache {
     pub fn inner_mut(&mut self) -> &mut PackedKvCache {
         &mut self.cache
     }
+}
+
+/// Every unit of a model of `layers × kv_heads` heads as a PLAN.json describes it, in
+/// [`ratequant::kvcache::CacheShape::unit_index`] order (for [`PackedCache::new`] or a memory
+/// estimate before allocating); the plan must cover exactly this model's units.
+pub fn plan_units(plan: &Plan, layers: usize, kv_heads: usize) -> Result<Vec<UnitFormat>> {
+    let quantizer = plan.quantizer.spec().map_err(wrap)?;
+    if let Some(u) = plan
+        .units
+        .iter()
+        .find(|u| u.layer >= layers || u.head >= kv_heads)
+    {
+        candle_core::bail!(
+            "the plan has a unit for layer {} head {} ({}), but the model has {layers} layers × {kv_heads} KV heads: \
+             the plan was made for another model",
+            u.layer,
+            u.head,
+            u.kind.as_str()
+        );
+    }
+    let mut units = Vec::with_capacity(layers * kv_heads * 2);
+    for layer in 0..layers {
+        for head in 0..kv_heads {
+            for kind in [Kind::K, Kind::V] {
+                let bits = plan.bits(layer, head, kind).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "the plan has no unit for layer {layer} head {head} ({}), but the model has {layers} layers × \
+                         {kv_heads} KV heads: the plan was made for another model",
+                        kind.as_str()
+                    ))
+                })?;
+                units.push(UnitFormat {
+                    quantizer: quantizer.clone(),
+                    bits,
+                });
+            }
+        }
+    }
+    Ok(units)
+}
+
+/// Every unit of a model of `layers × kv_heads` heads with the same design and bits.
+pub fn uniform_units(
+    quantizer: &QuantizerSpec,
+    bits: u8,
+    layers: usize,
+    kv_heads: usize,
+) -> Vec<UnitFormat> {
+    vec![
+        UnitFormat {
+            quantizer: quantizer.clone(),
+            bits
+        };
+        layers * kv_heads * 2
+    ]
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {

@@ -16,6 +16,18 @@
 //! included) in full precision, exactly per query (see
 //! [`crate::attention::attention_with_residual`]).
 //!
+//! All of the above is [`SimSemantics::Tile`], `eval`'s default. [`SimSemantics::Packed`]
+//! instead simulates exactly what the packed cache ([`crate::kv_packed::PackedCache`]) stores,
+//! so that both give the same logits up to float rounding:
+//! * per-channel-grouped keys (KIVI) are quantized one completed group of `G` tokens at a
+//!   time; the tokens of a group that is not yet complete stay in full precision (nothing is
+//!   re-fitted), and the residual window does not apply to them;
+//! * every per-token unit (KIVI values, QuaRot, RTN-token) keeps the `R` most recent tokens of
+//!   each query in full precision, as in tile mode;
+//! * the query at position `p` sees each unit as the packed cache holds it right after token
+//!   `p` was appended ([`ratequant::kvcache::UnitLayout::quantized_len`] of `p + 1` tokens),
+//!   also inside a prefill block, so prefill in one call, in blocks, or token by token agree.
+//!
 //! Gradients do not flow through quantized K/V (the fake-quantized copy is a new tensor);
 //! calibration captures gradients over the full-precision cache.
 
@@ -25,9 +37,10 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use ratequant::formats::Plan;
+use ratequant::kvcache::UnitLayout;
 use ratequant::quant::{self, Kind, Quantizer, QuantizerSpec, TileShape};
 
-use crate::attention::attention_with_residual;
+use crate::attention::{attention_with_precision_masks, attention_with_residual};
 use crate::kv::{AttnParams, KvCache};
 use crate::kv_fp::LayerStore;
 
@@ -246,23 +259,71 @@ impl std::fmt::Display for KvSpec {
     }
 }
 
+/// Which quantization a [`SimQuantCache`] simulates (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SimSemantics {
+    /// Every unit's whole stored tile fake-quantized at each call (KIVI keys: the trailing
+    /// partial group re-fitted), the `residual` most recent keys and values of each query in
+    /// full precision. What `eval` has always measured.
+    #[default]
+    Tile,
+    /// Exactly what the packed cache stores: KIVI keys quantized by completed groups only,
+    /// per-token units outside the residual window.
+    Packed,
+}
+
+impl SimSemantics {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SimSemantics::Tile => "tile",
+            SimSemantics::Packed => "packed",
+        }
+    }
+}
+
+impl std::str::FromStr for SimSemantics {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "tile" => Ok(SimSemantics::Tile),
+            "packed" => Ok(SimSemantics::Packed),
+            other => Err(format!(
+                "unknown KV semantics `{other}` (known: tile, packed)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SimSemantics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// K/V stored in full precision, fake-quantized per unit before every attention.
 #[derive(Debug, Clone)]
 pub struct SimQuantCache {
     plan: KvQuantPlan,
     residual: usize,
+    semantics: SimSemantics,
     store: LayerStore,
     len: usize,
 }
 
 impl SimQuantCache {
-    /// A cache quantizing by `plan`, keeping the `residual` most recent tokens of each query in
-    /// full precision.
+    /// A cache quantizing by `plan` with [`SimSemantics::Tile`], keeping the `residual` most
+    /// recent tokens of each query in full precision.
     pub fn new(plan: KvQuantPlan, residual: usize) -> Self {
+        SimQuantCache::with_semantics(plan, residual, SimSemantics::Tile)
+    }
+
+    /// A cache quantizing by `plan` under `semantics` with residual window `residual`.
+    pub fn with_semantics(plan: KvQuantPlan, residual: usize, semantics: SimSemantics) -> Self {
         let store = LayerStore::new(plan.num_layers);
         SimQuantCache {
             plan,
             residual,
+            semantics,
             store,
             len: 0,
         }
@@ -276,9 +337,20 @@ impl SimQuantCache {
         self.residual
     }
 
-    /// Fake-quantizes every head of `x` (`[kv_heads, tokens, head_dim]`) of `layer` as one
-    /// tile per head. Heads whose unit is full precision are copied unchanged.
-    fn quantize(&self, layer: usize, kind: Kind, x: &Tensor) -> Result<Tensor> {
+    pub fn semantics(&self) -> SimSemantics {
+        self.semantics
+    }
+
+    /// Fake-quantizes every head of `x` (`[kv_heads, tokens, head_dim]`) of `layer`: head `h`'s
+    /// first `prefix[h]` tokens as one tile (all tokens when `prefix` is `None`); the other
+    /// tokens, and heads whose unit is full precision, are copied unchanged.
+    fn quantize(
+        &self,
+        layer: usize,
+        kind: Kind,
+        x: &Tensor,
+        prefix: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let (kv_heads, tokens, head_dim) = x.dims3()?;
         if kv_heads != self.plan.kv_heads {
             candle_core::bail!(
@@ -287,30 +359,110 @@ impl SimQuantCache {
             );
         }
         let data = x.flatten_all()?.to_vec1::<f32>()?;
-        let shape = TileShape { tokens, head_dim };
-        let tile_len = shape.len();
+        let tile_len = tokens * head_dim;
         let mut out = vec![0f32; data.len()];
         out.par_chunks_mut(tile_len.max(1))
             .zip(data.par_chunks(tile_len.max(1)))
             .enumerate()
-            .try_for_each(
-                |(head, (dst, src))| match self.plan.unit(layer, head, kind) {
-                    None => {
-                        dst.copy_from_slice(src);
-                        Ok(())
-                    }
-                    Some(u) => u
-                        .quantizer
-                        .fake_quantize(src, shape, kind, u.bits, dst)
-                        .map_err(|e| {
+            .try_for_each(|(head, (dst, src))| {
+                let quantized = prefix.map_or(tokens, |p| p[head].min(tokens));
+                let Some(u) = self.plan.unit(layer, head, kind).filter(|_| quantized > 0) else {
+                    dst.copy_from_slice(src);
+                    return Ok(());
+                };
+                let shape = TileShape {
+                    tokens: quantized,
+                    head_dim,
+                };
+                let (q_dst, fp_dst) = dst.split_at_mut(shape.len());
+                fp_dst.copy_from_slice(&src[shape.len()..]);
+                u.quantizer
+                    .fake_quantize(&src[..shape.len()], shape, kind, u.bits, q_dst)
+                    .map_err(|e| {
+                        candle_core::Error::Msg(format!(
+                            "layer {layer} head {head} {}: {e}",
+                            kind.as_str()
+                        ))
+                    })
+            })?;
+        Tensor::from_vec(out, (kv_heads, tokens, head_dim), x.device())
+    }
+
+    /// The packed cache's layout of every KV head's `kind` unit in `layer` (`None`: full
+    /// precision, never quantized).
+    fn packed_layouts(
+        &self,
+        layer: usize,
+        kind: Kind,
+        head_dim: usize,
+    ) -> Result<Vec<Option<UnitLayout>>> {
+        (0..self.plan.kv_heads)
+            .map(|head| {
+                self.plan
+                    .unit(layer, head, kind)
+                    .map(|u| {
+                        UnitLayout::of(u.quantizer.as_ref(), kind, head_dim).map_err(|e| {
                             candle_core::Error::Msg(format!(
                                 "layer {layer} head {head} {}: {e}",
                                 kind.as_str()
                             ))
-                        }),
-                },
-            )?;
-        Tensor::from_vec(out, (kv_heads, tokens, head_dim), x.device())
+                        })
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// [`SimSemantics::Packed`] attention of `q` (queries at `self.len..`) over all stored
+    /// `k_all`, `v_all`.
+    fn attend_packed(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        params: &AttnParams,
+    ) -> Result<Tensor> {
+        let (kv_heads, stored, head_dim) = k_all.dims3()?;
+        let queries = q.dim(1)?;
+        let first = self.len;
+        let residual = self.residual;
+        // Tokens unit `layout` holds as codes once `len` tokens are stored.
+        let quantized = |layout: &Option<UnitLayout>, len: usize| {
+            layout.map_or(0, |l| l.quantized_len(len, residual))
+        };
+        let mut quantized_views = Vec::with_capacity(2);
+        let mut masks = Vec::with_capacity(2);
+        for (kind, x) in [(Kind::K, k_all), (Kind::V, v_all)] {
+            let layouts = self.packed_layouts(layer, kind, head_dim)?;
+            // The last query sees the most codes; earlier ones read fewer of them (mask).
+            let prefix: Vec<usize> = layouts.iter().map(|l| quantized(l, stored)).collect();
+            quantized_views.push(self.quantize(layer, kind, x, Some(&prefix))?);
+            let mut mask = vec![0u8; kv_heads * queries * stored];
+            for (h, layout) in layouts.iter().enumerate() {
+                for i in 0..queries {
+                    let codes = quantized(layout, first + i + 1);
+                    let row = &mut mask[(h * queries + i) * stored..(h * queries + i + 1) * stored];
+                    row[codes.min(stored)..].fill(1);
+                }
+            }
+            masks.push(Tensor::from_vec(
+                mask,
+                (kv_heads, queries, stored),
+                q.device(),
+            )?);
+        }
+        attention_with_precision_masks(
+            q,
+            k_all,
+            v_all,
+            &quantized_views[0],
+            &quantized_views[1],
+            first,
+            &masks[0],
+            &masks[1],
+            params,
+        )
     }
 }
 
@@ -330,8 +482,11 @@ impl KvCache for SimQuantCache {
             );
         }
         let (k_all, v_all) = self.store.append(layer, k, v, self.len)?;
-        let k_q = self.quantize(layer, Kind::K, &k_all)?;
-        let v_q = self.quantize(layer, Kind::V, &v_all)?;
+        if self.semantics == SimSemantics::Packed {
+            return self.attend_packed(layer, q, &k_all, &v_all, params);
+        }
+        let k_q = self.quantize(layer, Kind::K, &k_all, None)?;
+        let v_q = self.quantize(layer, Kind::V, &v_all, None)?;
         attention_with_residual(
             q,
             &k_all,

@@ -29,7 +29,7 @@ pub use config::{Arch, ModelConfig, RopeLayout};
 pub use decoder::{Decoder, Mode};
 pub use kv::{AttnParams, KvCache};
 pub use kv_fp::FpCache;
-pub use kv_sim::{KvQuantPlan, KvSpec, SimQuantCache, UnitQuant};
+pub use kv_sim::{KvQuantPlan, KvSpec, SimQuantCache, SimSemantics, UnitQuant};
 pub use loader::{load_model, LoadError, LoadedModel};
 pub use model::Weights;
 pub use text::load_text;

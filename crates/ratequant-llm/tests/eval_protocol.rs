@@ -9,7 +9,7 @@ use ratequant_llm::eval::{
     chunk_tokens, evaluate, percentile, EvalError, EvalOptions, NllStats, Protocol, QuantSetting,
 };
 use ratequant_llm::synthetic::{random_weights, tiny_config, SplitMix64};
-use ratequant_llm::{reference, Arch, Decoder, KvQuantPlan, RopeLayout};
+use ratequant_llm::{reference, Arch, Decoder, KvQuantPlan, RopeLayout, SimSemantics};
 
 #[test]
 fn chunks_follow_llama_cpp() {
@@ -167,6 +167,7 @@ fn divergence_against_full_precision() {
         Some(QuantSetting {
             plan: &plan,
             residual: 0,
+            semantics: SimSemantics::Tile,
         }),
         &mut |_, _| {},
     )
@@ -189,6 +190,7 @@ fn divergence_against_full_precision() {
         Some(QuantSetting {
             plan: &plan,
             residual: 0,
+            semantics: SimSemantics::Tile,
         }),
         &mut |d, t| calls.push((d, t)),
     )
@@ -231,6 +233,7 @@ fn bad_inputs_are_clear_errors() {
         Some(QuantSetting {
             plan: &plan,
             residual: 0,
+            semantics: SimSemantics::Tile,
         }),
         &mut |_, _| {},
     )

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ratequant::quant::{self, QuantizerSpec};
 use ratequant_llm::eval::{evaluate, EvalOptions, Protocol, QuantSetting};
-use ratequant_llm::{load_model, load_text, AssetCache, Decoder, KvQuantPlan};
+use ratequant_llm::{load_model, load_text, AssetCache, Decoder, KvQuantPlan, SimSemantics};
 
 #[test]
 fn smollm2_botchan_fp_and_kivi2() {
@@ -31,6 +31,7 @@ fn smollm2_botchan_fp_and_kivi2() {
         Some(QuantSetting {
             plan: &plan,
             residual: 0,
+            semantics: SimSemantics::Tile,
         }),
         &mut |_, _| {},
     )

@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use ratequant::formats::Plan;
 use ratequant_llm::eval::{evaluate, EvalOptions, EvalReport, Protocol, QuantSetting};
-use ratequant_llm::{load_model, load_text, AssetCache, Decoder, KvQuantPlan, KvSpec};
+use ratequant_llm::{
+    load_model, load_text, AssetCache, Decoder, KvQuantPlan, KvSpec, SimSemantics,
+};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -36,6 +38,11 @@ pub struct EvalArgs {
     /// Keep, for each query, this many most recent keys and values in full precision.
     #[arg(long, default_value_t = 0)]
     pub residual: usize,
+    /// What the simulated cache quantizes: `tile` (each unit's whole stored tile; KIVI keys'
+    /// trailing partial group re-fitted; the window applies to keys and values) or `packed`
+    /// (exactly what `generate`'s packed cache stores: KIVI keys by completed groups only).
+    #[arg(long, default_value = "tile")]
+    pub kv_semantics: SimSemantics,
     /// Headline perplexity protocol: `llama` (llama.cpp's: second half of each chunk scored)
     /// or `full` (every token but the first). Both are reported.
     #[arg(long, default_value = "llama")]
@@ -53,6 +60,7 @@ struct JsonReport<'a> {
     kv: String,
     plan: Option<String>,
     residual: usize,
+    kv_semantics: &'static str,
     /// Mean nominal bits per quantized unit.
     mean_bits: Option<f64>,
     #[serde(flatten)]
@@ -135,6 +143,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let quant = quant_plan.as_ref().map(|plan| QuantSetting {
         plan,
         residual: args.residual,
+        semantics: args.kv_semantics,
     });
     let report = evaluate(&decoder, &tokens, &options, quant, &mut |done, _| {
         if let Some(b) = &bar {
@@ -145,6 +154,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         b.finish_and_clear();
     }
 
+    let kv_label = match (&quant_plan, args.kv_semantics) {
+        (Some(_), SimSemantics::Packed) => format!("{kv_label}, packed-cache semantics"),
+        _ => kv_label,
+    };
     print_report(&report, &kv_label, args.residual, quant_plan.as_ref());
     if let Some(path) = &args.json {
         let json = JsonReport {
@@ -158,6 +171,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             },
             plan: args.plan.as_ref().map(|p| p.display().to_string()),
             residual: args.residual,
+            kv_semantics: args.kv_semantics.as_str(),
             mean_bits: quant_plan.as_ref().and_then(KvQuantPlan::mean_bits),
             report: &report,
         };

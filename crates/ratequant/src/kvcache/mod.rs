@@ -32,6 +32,7 @@ use crate::{hadamard, Error, Result};
 pub use attention::Isa;
 use attention::SoftmaxPart;
 pub use memory::MemoryReport;
+pub use store::UnitLayout;
 use store::{KeyStore, Store, UnitCore, ValueStore};
 
 /// Default number of most recent tokens per-token units keep in full precision.

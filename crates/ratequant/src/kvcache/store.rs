@@ -25,9 +25,11 @@ use crate::{pack, Error, Result};
 /// of a block starts on a byte boundary.
 pub const PER_TOKEN_KEY_BLOCK: usize = 32;
 
-/// How one unit quantizes: the design's layout facts the cache needs.
+/// How one unit quantizes: the design's layout facts the cache needs. Public so that a
+/// simulation can reproduce exactly which tokens the cache holds as codes
+/// ([`UnitLayout::quantized_len`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct UnitLayout {
+pub struct UnitLayout {
     /// Groups run along tokens (KIVI keys) rather than along channels.
     pub per_channel: bool,
     /// Tokens are rotated by the normalised Hadamard matrix before quantization (QuaRot).
@@ -37,7 +39,7 @@ pub(crate) struct UnitLayout {
 }
 
 impl UnitLayout {
-    pub(crate) fn of(quantizer: &dyn Quantizer, kind: Kind, head_dim: usize) -> Result<UnitLayout> {
+    pub fn of(quantizer: &dyn Quantizer, kind: Kind, head_dim: usize) -> Result<UnitLayout> {
         let group = match quantizer.params().get("group").and_then(|g| g.as_u64()) {
             Some(g) => g as usize,
             None => head_dim,
