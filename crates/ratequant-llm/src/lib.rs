@@ -10,6 +10,7 @@ pub mod config;
 pub mod decoder;
 pub mod eval;
 pub mod frozen;
+pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod kv;
