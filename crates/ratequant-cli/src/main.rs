@@ -28,6 +28,8 @@ enum Command {
     Calibrate(cmd::calibrate::CalibrateArgs),
     /// Calibrate, allocate and evaluate every design × budget × policy; write results, report and figures (resumable).
     Sweep(cmd::sweep::SweepArgs),
+    /// Generate text over the packed mixed-precision KV cache (--kv kivi:2 or --plan PLAN.json); reports tokens/s and KV bytes vs f16.
+    Generate(cmd::generate::GenerateArgs),
     /// Download, verify and cache models and texts (smollm2, qwen2.5-0.5b, gemma3-270m, botchan, brown); `--list` shows them.
     Fetch(cmd::fetch::FetchArgs),
 }
@@ -40,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => cmd::eval::run(args),
         Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Sweep(args) => cmd::sweep::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::Fetch(args) => cmd::fetch::run(args),
     }
 }

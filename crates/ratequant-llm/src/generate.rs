@@ -259,16 +259,19 @@ impl Generation {
     }
 }
 
+/// What the caller's per-token callback may fail with (say, writing the text out).
+pub type CallbackError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Prefills `prompt` into `cache` (which must be empty) in blocks of `options.prefill_chunk`,
 /// then generates up to `options.max_tokens` tokens, calling `on_token` with each as soon as
-/// it is chosen.
+/// it is chosen; an error from `on_token` ends generation with that error.
 pub fn generate(
     decoder: &Decoder,
     prompt: &[u32],
     cache: &mut dyn KvCache,
     options: &GenerateOptions,
     sampler: &mut Sampler,
-    on_token: &mut dyn FnMut(u32) -> Result<()>,
+    on_token: &mut dyn FnMut(u32) -> std::result::Result<(), CallbackError>,
 ) -> Result<Generation> {
     if prompt.is_empty() {
         candle_core::bail!("the prompt has no tokens");
@@ -301,7 +304,7 @@ pub fn generate(
             break (StopReason::EndOfText, Some(next));
         }
         tokens.push(next);
-        on_token(next)?;
+        on_token(next).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         if tokens.len() < options.max_tokens {
             logits = decoder.forward_last(&[next], cache)?.to_vec1::<f32>()?;
             decode_steps += 1;

@@ -5,4 +5,5 @@ pub mod calibrate;
 pub mod eval;
 pub mod fetch;
 pub mod fit;
+pub mod generate;
 pub mod sweep;
