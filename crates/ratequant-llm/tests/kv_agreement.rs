@@ -274,7 +274,7 @@ fn random_tensor(rng: &mut SplitMix64, shape: (usize, usize, usize), outliers: b
     let mut v = rng.uniform(shape.0 * shape.1 * shape.2, 1.0);
     if outliers {
         for (i, x) in v.iter_mut().enumerate() {
-            if (i % shape.2) % 5 == 0 {
+            if (i % shape.2).is_multiple_of(5) {
                 *x *= 6.0;
             }
         }
