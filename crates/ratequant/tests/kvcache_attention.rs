@@ -1,7 +1,10 @@
 //! The packed KV cache against plain attention over `fake_quantize`d keys and values with the
 //! same residual semantics, across designs, bits, mixed units, GQA, odd lengths, prefill
-//! blocks, sliding windows and instruction sets.
+//! blocks, sliding windows and instruction sets. The cache holds unquantized tokens in f16 and
+//! quantizes tokens from those f16 values, so the reference rounds every key and value to f16
+//! first (element by element with `half`, independently of the cache's slice conversion).
 
+use half::f16;
 use ratequant::kvcache::{AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat};
 use ratequant::quant::{self, Kind, QuantizerSpec, TileShape};
 
@@ -37,6 +40,11 @@ fn activations(rng: &mut Rng, heads: usize, tokens: usize, d: usize) -> Vec<f32>
 
 fn spec(s: &str) -> QuantizerSpec {
     QuantizerSpec::parse(s).unwrap()
+}
+
+/// Each value rounded to the nearest f16 (ties to even), as the cache's residual holds it.
+fn f16_rounded(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| f16::from_f32(v).to_f32()).collect()
 }
 
 /// Tokens quantized once `n` are stored, as issue 5 defines it (independent of the cache).
@@ -80,7 +88,8 @@ struct Model {
     residual: usize,
 }
 
-/// Reference outputs `[layer][heads, tokens, d]` of every query position, in f64.
+/// Reference outputs `[layer][heads, tokens, d]` of every query position, in f64, over keys
+/// and values rounded to f16.
 fn reference(
     m: &Model,
     q: &[Vec<f32>],
@@ -97,8 +106,8 @@ fn reference(
         for h in 0..m.shape.kv_heads {
             let ku = &m.units[m.shape.unit_index(layer, h, Kind::K)];
             let vu = &m.units[m.shape.unit_index(layer, h, Kind::V)];
-            let kh = &k[layer][h * tokens * d..(h + 1) * tokens * d];
-            let vh = &v[layer][h * tokens * d..(h + 1) * tokens * d];
+            let kh = &f16_rounded(&k[layer][h * tokens * d..(h + 1) * tokens * d]);
+            let vh = &f16_rounded(&v[layer][h * tokens * d..(h + 1) * tokens * d]);
             let kf = fake_quantized(&ku.quantizer, Kind::K, ku.bits, kh, d);
             let vf = fake_quantized(&vu.quantizer, Kind::V, vu.bits, vh, d);
             for p in 0..tokens {

@@ -49,22 +49,22 @@ fn memory_of_a_hand_computed_example() {
     let m = cache.memory();
     // Keys: ⌊70/32⌋ = 2 groups quantized: 2 blocks × 64 channels × (32 tokens × 2 bits = 8
     // bytes) = 1024 code bytes; 2 × 64 (scale, zero) pairs of f16 = 512 bytes; 70 − 64 = 6
-    // residual rows × 64 × 4 bytes = 1536.
+    // residual rows × 64 × 2 bytes (f16) = 768.
     // Values: 70 − 8 = 62 tokens quantized: 62 × (64 × 3 bits = 24 bytes) = 1488 code bytes;
-    // 62 tokens × 2 groups × 4 bytes = 496; 8 residual rows × 256 bytes = 2048.
+    // 62 tokens × 2 groups × 4 bytes = 496; 8 residual rows × 128 bytes = 1024.
     // Padding: 16 bytes per code buffer, 2 buffers.
     let want = MemoryReport {
         tokens: 70,
         code_bytes: 1024 + 1488,
         metadata_bytes: 512 + 496,
-        residual_bytes: 1536 + 2048,
+        residual_bytes: 768 + 1024,
         padding_bytes: 32,
         f16_bytes: 70 * 64 * 2 * 2,
     };
     assert_eq!(m, want);
-    assert_eq!(m.total_bytes(), 7136);
-    assert!((m.bytes_per_token() - 7136.0 / 70.0).abs() < 1e-9);
-    assert!((m.compression() - 17920.0 / 7136.0).abs() < 1e-9);
+    assert_eq!(m.total_bytes(), 5344);
+    assert!((m.bytes_per_token() - 5344.0 / 70.0).abs() < 1e-9);
+    assert!((m.compression() - 17920.0 / 5344.0).abs() < 1e-9);
     assert_eq!(estimate(shape, &units, 8, 70).unwrap(), want);
 }
 
@@ -98,6 +98,122 @@ fn estimate_equals_the_report_for_mixed_units_and_lengths() {
             );
         }
     }
+}
+
+#[test]
+fn residual_rows_cost_two_bytes_per_element() {
+    // Uniform caches whose residual size follows from the semantics alone: KIVI keys hold
+    // `len mod G` tokens unquantized, every per-token unit `min(len, R)`. Checked on the
+    // cache's report and on the estimate, for several designs, bits, windows and lengths.
+    let shape = CacheShape {
+        layers: 2,
+        kv_heads: 3,
+        head_dim: 32,
+    };
+    let heads = shape.layers * shape.kv_heads;
+    for (design, key_group) in [("kivi", Some(32)), ("kivi:g=7", Some(7)), ("quarot", None)] {
+        for bits in [1u8, 3, 8] {
+            for residual in [0usize, 9, 40] {
+                let mut cache =
+                    PackedKvCache::uniform(shape, &spec(design), bits, residual).unwrap();
+                let mut len = 0;
+                for block in [1usize, 5, 30, 1, 77] {
+                    for layer in 0..shape.layers {
+                        let x = rows(block, 32, 3, (len * 7 + layer) as u32);
+                        cache.append(layer, &x, &x, block).unwrap();
+                    }
+                    len += block;
+                    let key_rows = key_group.map_or(len.min(residual), |g| len % g);
+                    let value_rows = len.min(residual);
+                    let want = heads * (key_rows + value_rows) * 32 * 2;
+                    let got = cache.memory();
+                    assert_eq!(
+                        got.residual_bytes, want,
+                        "{design} at {bits} bits, residual {residual}, {len} tokens"
+                    );
+                    let units = vec![
+                        UnitFormat {
+                            quantizer: spec(design),
+                            bits
+                        };
+                        shape.units()
+                    ];
+                    assert_eq!(got, estimate(shape, &units, residual, len).unwrap());
+                }
+            }
+        }
+    }
+}
+
+/// SmolLM2-135M's attention geometry: 30 layers, 3 KV heads of 64.
+const SMOLLM2: CacheShape = CacheShape {
+    layers: 30,
+    kv_heads: 3,
+    head_dim: 64,
+};
+
+/// Every unit of `shape` in `design`; `mixed` puts half the KV heads (K and V) at `bits` and
+/// half at `bits + 1`.
+fn smollm2_units(design: &str, bits: u8, mixed: bool) -> Vec<UnitFormat> {
+    (0..SMOLLM2.units())
+        .map(|i| UnitFormat {
+            quantizer: spec(design),
+            bits: bits + u8::from(mixed && (i / 2) % 2 == 1),
+        })
+        .collect()
+}
+
+#[test]
+fn smollm2_compression_table() {
+    // The estimate's arithmetic at SmolLM2's full context (8192 tokens, residual 128), printed
+    // as the table in docs/generate.md (`cargo test -p ratequant --test kvcache_memory
+    // smollm2_compression_table -- --nocapture`). The last column is what the same cache
+    // would be with an f32 residual (twice the residual bytes), for comparison.
+    let tokens = 8192;
+    let rows = [
+        ("kivi (G=32)", "kivi", 2, false, "2"),
+        ("kivi (G=32)", "kivi", 2, true, "2.5"),
+        ("kivi (G=32)", "kivi", 4, false, "4"),
+        ("kivi (G=128)", "kivi:g=128", 2, false, "2"),
+        ("kivi (G=128)", "kivi:g=128", 2, true, "2.5"),
+        ("kivi (G=128)", "kivi:g=128", 4, false, "4"),
+        ("quarot", "quarot", 2, false, "2"),
+        ("quarot", "quarot", 2, true, "2.5"),
+    ];
+    println!("| design | bits | KV bytes/token | total MiB | f16 MiB | × smaller than f16 | with an f32 residual |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut compression = std::collections::HashMap::new();
+    for (label, design, bits, mixed, bits_label) in rows {
+        let units = smollm2_units(design, bits, mixed);
+        let m = estimate(SMOLLM2, &units, DEFAULT_RESIDUAL, tokens).unwrap();
+        let with_f32_residual = m.f16_bytes as f64 / (m.total_bytes() + m.residual_bytes) as f64;
+        println!(
+            "| {label} | {bits_label} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            m.bytes_per_token(),
+            m.total_bytes() as f64 / (1u64 << 20) as f64,
+            m.f16_bytes as f64 / (1u64 << 20) as f64,
+            m.compression(),
+            with_f32_residual
+        );
+        compression.insert((design, bits_label), m);
+    }
+    // Hand arithmetic for kivi G=128 at 2.5 bits, per KV head (mean over the 2- and 3-bit
+    // heads): keys, all 8192 tokens quantized (a multiple of 128): 20 code bytes + one f16
+    // (scale, zero) per channel per 128 tokens = 2 bytes per token; values, 8192 − 128 tokens
+    // quantized: 20 code bytes + one (scale, zero) per token = 24 bytes, and 128 residual rows
+    // of 64 f16 = 128 bytes each. Plus 16 padding bytes per unit (180 units).
+    let residual_rows = 128 * 64 * 2;
+    let per_head = 8192 * (20 + 2) + 8064 * (20 + 4) + residual_rows;
+    let m = compression[&("kivi:g=128", "2.5")];
+    assert_eq!(m.total_bytes(), 90 * per_head + 16 * 180);
+    assert_eq!(m.residual_bytes, 90 * residual_rows);
+    // Issue 5's end-to-end target: at least 5× smaller than f16 at 2.5 bits.
+    assert!(m.compression() >= 5.0, "{}", m.compression());
+    // kivi G=32 at 2 bits: keys 16 code bytes + 64 (scale, zero) per 32 tokens = 8 bytes per
+    // token; values 16 + two (scale, zero) per token = 24 bytes for 8064 tokens.
+    let per_head = 8192 * (16 + 8) + 8064 * (16 + 8) + residual_rows;
+    let m = compression[&("kivi", "2")];
+    assert_eq!(m.total_bytes(), 90 * per_head + 16 * 180);
 }
 
 #[test]

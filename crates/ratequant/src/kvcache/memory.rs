@@ -1,8 +1,8 @@
 //! Exact memory accounting of the packed cache, and its prediction for a planned context.
 //!
 //! Counted: code bytes (every allocated key block, including the unfilled slots of the last
-//! per-token key block), f16 scales and zero-points, the live full-precision residual rows
-//! (f32), and [`CODE_PADDING`] bytes per code buffer. Not counted: vector capacity slack and
+//! per-token key block), f16 scales and zero-points, the live residual rows (unquantized,
+//! f16: 2 bytes per element), and [`CODE_PADDING`] bytes per code buffer. Not counted: vector capacity slack and
 //! residual rows already quantized but not yet compacted away (at most as many as the live
 //! ones, released at the next compaction), nor the fixed-size structs themselves.
 
@@ -14,6 +14,9 @@ use super::{CacheShape, UnitFormat};
 use crate::quant::{self, Kind};
 use crate::{pack, Result};
 
+/// Bytes per element of an unquantized residual row (f16).
+pub const RESIDUAL_ELEMENT_BYTES: usize = 2;
+
 /// Bytes held by a cache, by category, against an f16 cache of the same shape and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct MemoryReport {
@@ -21,6 +24,7 @@ pub struct MemoryReport {
     pub tokens: usize,
     pub code_bytes: usize,
     pub metadata_bytes: usize,
+    /// Unquantized residual rows, f16.
     pub residual_bytes: usize,
     pub padding_bytes: usize,
     /// An f16 cache of the same layers, KV heads, head_dim and lengths.
@@ -72,7 +76,8 @@ pub(crate) fn report<'a>(
     for core in cores {
         r.code_bytes += core.code_bytes();
         r.metadata_bytes += core.metadata_bytes();
-        r.residual_bytes += core.residual.tokens(core.head_dim) * core.head_dim * 4;
+        r.residual_bytes +=
+            core.residual.tokens(core.head_dim) * core.head_dim * RESIDUAL_ELEMENT_BYTES;
         r.padding_bytes += CODE_PADDING;
     }
     r
@@ -122,7 +127,7 @@ pub fn estimate(
             };
             r.metadata_bytes += quantized * layout.channel_groups(d) * 2 * 2;
         }
-        r.residual_bytes += (tokens - quantized) * d * 4;
+        r.residual_bytes += (tokens - quantized) * d * RESIDUAL_ELEMENT_BYTES;
         r.padding_bytes += CODE_PADDING;
     }
     Ok(r)

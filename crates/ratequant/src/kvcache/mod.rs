@@ -4,12 +4,19 @@
 //! * Storage ([`store`]): codes and f16 scales/zero-points produced by the design's own
 //!   `encode`, so attention over this cache equals attention over `fake_quantize`d keys and
 //!   values (same residual semantics) up to float rounding.
-//! * Residual semantics (KIVI as published, applied per unit): KIVI keys stay in full precision
+//! * Residual semantics (KIVI as published, applied per unit): KIVI keys stay unquantized
 //!   until a group of `G` tokens is complete, then the group is quantized per channel; every
 //!   per-token unit (KIVI values, QuaRot and RTN keys and values) keeps its `residual` most
-//!   recent tokens in full precision and quantizes a token when it leaves that window. The
+//!   recent tokens unquantized and quantizes a token when it leaves that window. The
 //!   query at position `p` sees the cache exactly as it was after token `p` was appended, also
 //!   inside a prefill block, so prefill in blocks equals appending token by token.
+//! * Residual precision: unquantized tokens are held in f16, as real KV caches hold them
+//!   (2 bytes per element instead of f32's 4, which matters for the compression at long
+//!   contexts). Every appended K/V value is rounded to f16 once
+//!   ([`round_to_residual_precision`]); attention over the residual reads the rounded values,
+//!   and tokens are quantized from them when they leave, so the codes are the same whether a
+//!   token leaves inside its prefill block or steps later. Values whose f16 rounding would be
+//!   infinite (`|x| ≥` [`F16_OVERFLOW`]) are refused.
 //! * QuaRot: the stored codes are of Hadamard-rotated tokens; queries are rotated instead of
 //!   keys (scores are unchanged: the matrix is orthogonal) and the value output is rotated
 //!   back once per head.
@@ -35,8 +42,25 @@ pub use memory::MemoryReport;
 pub use store::UnitLayout;
 use store::{KeyStore, Store, UnitCore, ValueStore};
 
-/// Default number of most recent tokens per-token units keep in full precision.
+/// Default number of most recent tokens per-token units keep unquantized (in f16).
 pub const DEFAULT_RESIDUAL: usize = 128;
+
+/// The smallest magnitude that rounds to infinity in f16 (the largest finite f16 is 65504;
+/// round to nearest even sends `[65504, 65520)` to it and `65520` up to infinity).
+pub const F16_OVERFLOW: f32 = 65520.0;
+
+/// Rounds `values` in place to the nearest f16 (ties to even), the precision in which the
+/// cache holds tokens it has not quantized. Public so that a simulation of this cache
+/// (`SimSemantics::Packed` in ratequant-llm) rounds exactly as the cache does.
+pub fn round_to_residual_precision(values: &mut [f32]) {
+    // Through a small stack buffer: half's slice conversions are vectorised (F16C at run time).
+    let mut buf = [f16::ZERO; 256];
+    for chunk in values.chunks_mut(buf.len()) {
+        let halves = &mut buf[..chunk.len()];
+        halves.convert_from_f32_slice(chunk);
+        halves.convert_to_f32_slice(chunk);
+    }
+}
 
 /// Tokens per attention task: the unit of work spread over threads and of the blockwise softmax.
 const TASK_TOKENS: usize = 1024;
@@ -79,14 +103,15 @@ pub struct AttentionParams {
     pub window: Option<usize>,
 }
 
-/// Full-precision rows of one unit visible to an attention call: rows of positions `base..`.
-#[derive(Clone, Copy)]
-struct FpRows<'a> {
+/// Unquantized rows of one unit visible to an attention call, positions `base..`: the f16
+/// residual widened to f32 once per call (cheap next to the quantized part, and it keeps the
+/// kernels' inner loops on f32).
+struct FpRows {
     base: usize,
-    rows: &'a [f32],
+    rows: Vec<f32>,
 }
 
-impl FpRows<'_> {
+impl FpRows {
     fn row(&self, pos: usize, d: usize) -> &[f32] {
         let i = pos - self.base;
         &self.rows[i * d..(i + 1) * d]
@@ -243,10 +268,16 @@ impl PackedKvCache {
                     x.len()
                 )));
             }
-            if let Some(i) = x.iter().position(|x| !x.is_finite()) {
+            // `!(|x| < F16_OVERFLOW)` also catches NaN.
+            if let Some(i) = x.iter().position(|x| !(x.abs() < F16_OVERFLOW)) {
                 let per_head = tokens * self.shape.head_dim;
+                let what = if x[i].is_finite() {
+                    "value beyond the f16 range (|x| ≥ 65520 rounds to infinity in the f16 residual)"
+                } else {
+                    "non-finite value"
+                };
                 return Err(Error::invalid(format!(
-                    "layer {layer} {name}: non-finite value {} at kv head {}, new token {}, channel {}",
+                    "layer {layer} {name}: {what} {} at kv head {}, new token {}, channel {}",
                     x[i],
                     i / per_head,
                     (i % per_head) / self.shape.head_dim,
@@ -304,29 +335,21 @@ impl PackedKvCache {
         self.check_kv(layer, k, v, tokens)?;
         let first = self.lens[layer];
         let scratch = self.append_unchecked(layer, k, v, tokens, tokens > 1)?;
-        let d = self.shape.head_dim;
         let range = layer * self.shape.kv_heads..(layer + 1) * self.shape.kv_heads;
-        let views: Vec<HeadView> = match &scratch {
+        let views: Vec<HeadView> = match scratch {
             Some(s) => self.keys[range.clone()]
                 .iter()
                 .zip(&self.values[range])
                 .zip(s)
-                .map(|((key, value), (ks, vs))| HeadView {
+                .map(|((key, value), (k_fp, v_fp))| HeadView {
                     key,
                     value,
-                    k_fp: FpRows {
-                        base: ks.0,
-                        rows: &ks.1,
-                    },
-                    v_fp: FpRows {
-                        base: vs.0,
-                        rows: &vs.1,
-                    },
+                    k_fp,
+                    v_fp,
                 })
                 .collect(),
             None => self.views(layer),
         };
-        let _ = d;
         Ok(self.attention(&views, q, heads, tokens, first, params))
     }
 
@@ -352,8 +375,8 @@ impl PackedKvCache {
         Ok(self.attention(&views, q, heads, 1, len - 1, params))
     }
 
+    /// Every KV head of `layer` as stored, residuals widened to f32.
     fn views(&self, layer: usize) -> Vec<HeadView<'_>> {
-        let d = self.shape.head_dim;
         let range = layer * self.shape.kv_heads..(layer + 1) * self.shape.kv_heads;
         self.keys[range.clone()]
             .iter()
@@ -363,21 +386,20 @@ impl PackedKvCache {
                 value,
                 k_fp: FpRows {
                     base: key.core.quantized,
-                    rows: key.core.residual.rows(d),
+                    rows: residual_f32(&key.core),
                 },
                 v_fp: FpRows {
                     base: value.core.quantized,
-                    rows: value.core.residual.rows(d),
+                    rows: residual_f32(&value.core),
                 },
             })
             .collect()
     }
 
     /// Appends to every KV head of `layer`, quantizing what leaves the residual windows. With
-    /// `keep_scratch`, returns per head the full-precision rows from the oldest token that was
-    /// unquantized before this call, `((key base, rows), (value base, rows))`, which the
-    /// block's earlier queries still see in full precision.
-    #[allow(clippy::type_complexity)]
+    /// `keep_scratch`, returns per head the unquantized rows (f16-rounded, as f32) from the
+    /// oldest token that was unquantized before this call, `(key rows, value rows)`, which
+    /// the block's earlier queries still see unquantized.
     fn append_unchecked(
         &mut self,
         layer: usize,
@@ -385,7 +407,7 @@ impl PackedKvCache {
         v: &[f32],
         tokens: usize,
         keep_scratch: bool,
-    ) -> Result<Option<Vec<((usize, Vec<f32>), (usize, Vec<f32>))>>> {
+    ) -> Result<Option<Vec<(FpRows, FpRows)>>> {
         let d = self.shape.head_dim;
         let kv_heads = self.shape.kv_heads;
         let residual = self.residual;
@@ -526,13 +548,18 @@ impl PackedKvCache {
 struct HeadView<'a> {
     key: &'a KeyStore,
     value: &'a ValueStore,
-    k_fp: FpRows<'a>,
-    v_fp: FpRows<'a>,
+    k_fp: FpRows,
+    v_fp: FpRows,
+}
+
+/// A unit's live residual rows widened to f32.
+fn residual_f32(core: &UnitCore) -> Vec<f32> {
+    let d = core.head_dim;
+    core.residual.to_f32(0..core.residual.tokens(d), d)
 }
 
 /// Appends `tokens` rows to one unit and quantizes what its residual rule says. Returns the
-/// scratch rows `(base, rows)` when `keep_scratch`.
-#[allow(clippy::too_many_arguments)]
+/// scratch rows when `keep_scratch`.
 fn append_rows<S: Store>(
     store: &mut S,
     new_rows: &[f32],
@@ -540,7 +567,7 @@ fn append_rows<S: Store>(
     old_len: usize,
     residual: usize,
     keep_scratch: bool,
-) -> Result<Option<(usize, Vec<f32>)>> {
+) -> Result<Option<FpRows>> {
     let d = store.core().head_dim;
     let old_q = store.core().quantized;
     let new_q = store
@@ -549,22 +576,28 @@ fn append_rows<S: Store>(
         .quantized_len(old_len + tokens, residual);
     let leaving = new_q - old_q;
     if keep_scratch {
-        let mut scratch = store.core().residual.rows(d).to_vec();
+        // The residual so far, then the new rows rounded as the residual would hold them: the
+        // tokens that leave within this block are quantized from the same f16 values as if
+        // they had entered the residual first.
+        let mut scratch = residual_f32(store.core());
+        let new_at = scratch.len();
         scratch.extend_from_slice(new_rows);
+        round_to_residual_precision(&mut scratch[new_at..]);
         store.quantize(&scratch[..leaving * d], leaving)?;
         let core = store.core_mut();
         core.residual.clear();
+        // Already f16 values: this push is exact.
         core.residual.push(&scratch[leaving * d..]);
-        Ok(Some((old_q, scratch)))
+        Ok(Some(FpRows {
+            base: old_q,
+            rows: scratch,
+        }))
     } else {
         store.core_mut().residual.push(new_rows);
         if leaving > 0 {
-            let residual_rows = std::mem::take(&mut store.core_mut().residual);
-            let result = store.quantize(&residual_rows.rows(d)[..leaving * d], leaving);
-            let core = store.core_mut();
-            core.residual = residual_rows;
-            result?;
-            core.residual.drop_front(leaving, d);
+            let leaving_rows = store.core().residual.to_f32(0..leaving, d);
+            store.quantize(&leaving_rows, leaving)?;
+            store.core_mut().residual.drop_front(leaving, d);
         }
         Ok(None)
     }

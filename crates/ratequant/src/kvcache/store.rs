@@ -10,12 +10,20 @@
 //!   channel group indexed by token.
 //! * values are row-major: one LSB-first bit run of `⌈head_dim·bits/8⌉` bytes per token,
 //!   scales/zero-points in one stream per channel group indexed by token.
-//! * the residual (not yet quantized) tokens are kept in f32, row-major, unrotated.
+//! * the residual (not yet quantized) tokens are kept in f16, row-major, unrotated, as real
+//!   KV caches keep them (KIVI as published, llama.cpp, vLLM): every appended row is rounded
+//!   to the nearest f16 (ties to even) once, by [`super::round_to_residual_precision`].
+//!   Tokens leaving the residual are quantized from those f16-rounded values, so a token's
+//!   codes do not depend on when it leaves (inside a prefill block, or later while decoding).
 //!
 //! Codes and parameters come from the design's own [`Quantizer::encode`], so the stored
-//! values are exactly `fake_quantize`'s; only their order in memory differs.
+//! values are exactly `fake_quantize`'s of the f16-rounded rows; only their order in memory
+//! differs.
+
+use std::ops::Range;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::attention::CODE_PADDING;
 use crate::quant::{self, Kind, Quantizer, QuantizerSpec, TileShape};
@@ -68,7 +76,7 @@ impl UnitLayout {
     }
 
     /// Tokens quantized once `len` tokens are stored: KIVI keys quantize each complete group of
-    /// G tokens; per-token units keep the `residual` most recent tokens in full precision.
+    /// G tokens; per-token units keep the `residual` most recent tokens unquantized (in f16).
     pub fn quantized_len(&self, len: usize, residual: usize) -> usize {
         if self.per_channel {
             len / self.group * self.group
@@ -78,25 +86,37 @@ impl UnitLayout {
     }
 }
 
-/// Full-precision rows of not-yet-quantized tokens, oldest first.
+/// Rows of not-yet-quantized tokens in f16, oldest first.
 #[derive(Debug, Default)]
 pub(crate) struct Residual {
-    rows: Vec<f32>,
+    rows: Vec<f16>,
     /// Rows at the front already quantized, dropped lazily so that decode doesn't shift the
     /// whole buffer every token.
     dead: usize,
 }
 
 impl Residual {
-    pub fn rows(&self, head_dim: usize) -> &[f32] {
-        &self.rows[self.dead * head_dim..]
-    }
     pub fn tokens(&self, head_dim: usize) -> usize {
         self.rows.len() / head_dim.max(1) - self.dead
     }
+
+    /// Appends `rows` (f32), each value rounded to the nearest f16.
     pub fn push(&mut self, rows: &[f32]) {
-        self.rows.extend_from_slice(rows);
+        let at = self.rows.len();
+        self.rows.resize(at + rows.len(), f16::ZERO);
+        // Vectorised (F16C where the CPU has it), round to nearest even like `f16::from_f32`.
+        self.rows[at..].convert_from_f32_slice(rows);
     }
+
+    /// The live rows of `tokens` (indices relative to the oldest live row) widened to f32.
+    pub fn to_f32(&self, tokens: Range<usize>, head_dim: usize) -> Vec<f32> {
+        let live = &self.rows[self.dead * head_dim..];
+        let src = &live[tokens.start * head_dim..tokens.end * head_dim];
+        let mut out = vec![0.0f32; src.len()];
+        src.convert_to_f32_slice(&mut out);
+        out
+    }
+
     /// Forgets the `n` oldest live rows.
     pub fn drop_front(&mut self, n: usize, head_dim: usize) {
         self.dead += n;
@@ -106,6 +126,7 @@ impl Residual {
             self.dead = 0;
         }
     }
+
     pub fn clear(&mut self) {
         self.rows.clear();
         self.dead = 0;
@@ -203,7 +224,8 @@ impl UnitCore {
 pub(crate) trait Store {
     fn core(&self) -> &UnitCore;
     fn core_mut(&mut self) -> &mut UnitCore;
-    /// Quantizes tokens `[quantized, quantized + n)`, whose full-precision rows are `rows`.
+    /// Quantizes tokens `[quantized, quantized + n)`, whose rows are `rows` (f16-rounded values
+    /// widened to f32).
     fn quantize(&mut self, rows: &[f32], n: usize) -> Result<()>;
 }
 
