@@ -2,13 +2,15 @@
 //! decoder's [`KvCache`] interface: every unit stored bit-packed at its planned bits, attention
 //! computed on the codes.
 //!
-//! Residual semantics are the core cache's (issue 5, KIVI as published): KIVI keys stay in
-//! full precision until their group of `G` tokens is complete; every per-token unit keeps its
-//! `residual` most recent tokens in full precision. [`crate::SimQuantCache`] under
-//! [`crate::SimSemantics::Packed`] simulates exactly this (same logits up to float rounding);
-//! its default tile semantics agree for per-token designs (QuaRot, RTN-token, KIVI's values)
-//! but not for KIVI *keys* (the tile simulation re-fits the trailing partial group and keeps
-//! the window in full precision instead).
+//! Residual semantics are the core cache's (issue 5, KIVI as published): KIVI keys stay
+//! unquantized until their group of `G` tokens is complete; every per-token unit keeps its
+//! `residual` most recent tokens unquantized, in f16 (every K/V value is rounded to f16 as it
+//! is stored, and tokens are quantized from those values). [`crate::SimQuantCache`] under
+//! [`crate::SimSemantics::Packed`] simulates exactly this (same attention outputs up to float
+//! rounding on the same inputs); its default tile semantics (K/V in f32) agree on f16-rounded
+//! K/V for per-token designs (QuaRot, RTN-token, KIVI's values) but not for KIVI *keys* (the
+//! tile simulation re-fits the trailing partial group and keeps the window in full precision
+//! instead).
 
 use candle_core::{DType, Result, Tensor};
 

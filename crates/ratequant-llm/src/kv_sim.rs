@@ -26,7 +26,17 @@
 //!   each query in full precision, as in tile mode;
 //! * the query at position `p` sees each unit as the packed cache holds it right after token
 //!   `p` was appended ([`ratequant::kvcache::UnitLayout::quantized_len`] of `p + 1` tokens),
-//!   also inside a prefill block, so prefill in one call, in blocks, or token by token agree.
+//!   also inside a prefill block, so prefill in one call, in blocks, or token by token agree;
+//! * every K and V value is rounded to f16 (nearest, ties to even) as it is stored, with the
+//!   packed cache's own [`ratequant::kvcache::round_to_residual_precision`]: the packed cache
+//!   holds unquantized tokens (the residual window, a KIVI key group not yet complete) in f16
+//!   and quantizes tokens from those f16 values, so the simulation uses the rounded values
+//!   both for the full-precision part and as the input of the fake quantization. Units the
+//!   plan leaves unquantized are held in f16 too. Values whose f16 rounding is infinite are
+//!   refused, as the packed cache refuses them.
+//!
+//! Tile semantics keep K and V in f32, so `eval`'s default measurements stay comparable with
+//! earlier ones.
 //!
 //! Gradients do not flow through quantized K/V (the fake-quantized copy is a new tensor);
 //! calibration captures gradients over the full-precision cache.
@@ -264,11 +274,11 @@ impl std::fmt::Display for KvSpec {
 pub enum SimSemantics {
     /// Every unit's whole stored tile fake-quantized at each call (KIVI keys: the trailing
     /// partial group re-fitted), the `residual` most recent keys and values of each query in
-    /// full precision. What `eval` has always measured.
+    /// full precision (f32). What `eval` has always measured.
     #[default]
     Tile,
-    /// Exactly what the packed cache stores: KIVI keys quantized by completed groups only,
-    /// per-token units outside the residual window.
+    /// Exactly what the packed cache stores: K and V rounded to f16, KIVI keys quantized by
+    /// completed groups only, per-token units outside the residual window.
     Packed,
 }
 
@@ -466,6 +476,27 @@ impl SimQuantCache {
     }
 }
 
+/// `x` (`[kv_heads, tokens, head_dim]`, f32) with every value rounded to f16 exactly as the
+/// packed cache rounds what it has not quantized; a value that overflows f16 (or is not
+/// finite) is an error naming where it is, as in the packed cache.
+fn rounded_to_f16(layer: usize, name: &str, x: &Tensor) -> Result<Tensor> {
+    let (_, tokens, head_dim) = x.dims3()?;
+    let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+    ratequant::kvcache::round_to_residual_precision(&mut data);
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let original = x.flatten_all()?.get(i)?.to_scalar::<f32>()?;
+        let per_head = tokens * head_dim;
+        candle_core::bail!(
+            "layer {layer} {name}: value {original} at kv head {}, new token {}, channel {} is \
+             not finite in f16 (the packed semantics hold K/V in f16, finite only below 65520 in magnitude)",
+            i / per_head,
+            (i % per_head) / head_dim,
+            i % head_dim
+        );
+    }
+    Tensor::from_vec(data, x.dims(), x.device())
+}
+
 impl KvCache for SimQuantCache {
     fn attend(
         &mut self,
@@ -481,10 +512,13 @@ impl KvCache for SimQuantCache {
                 self.plan.num_layers
             );
         }
-        let (k_all, v_all) = self.store.append(layer, k, v, self.len)?;
         if self.semantics == SimSemantics::Packed {
+            let k = rounded_to_f16(layer, "k", k)?;
+            let v = rounded_to_f16(layer, "v", v)?;
+            let (k_all, v_all) = self.store.append(layer, &k, &v, self.len)?;
             return self.attend_packed(layer, q, &k_all, &v_all, params);
         }
+        let (k_all, v_all) = self.store.append(layer, k, v, self.len)?;
         let k_q = self.quantize(layer, Kind::K, &k_all, None)?;
         let v_q = self.quantize(layer, Kind::V, &v_all, None)?;
         attention_with_residual(
