@@ -557,3 +557,46 @@ fn precision_mask_attention_equals_plain_loops() {
         }
     }
 }
+
+/// A K/V value that f16 cannot hold (its rounding is infinite) is refused by both caches with
+/// an error naming where it is, rather than stored as infinity; the largest value that rounds
+/// to a finite f16 is accepted.
+#[test]
+fn both_caches_refuse_values_beyond_f16() {
+    let config = tiny_config(Arch::Llama, RopeLayout::Halves);
+    let (layers, kv_heads, head_dim) = (config.num_layers, config.num_kv_heads, config.head_dim);
+    let s = setting("kivi:2", &config, |_, _, _| ("kivi", 2));
+    let params = AttnParams {
+        scale: 1.0 / (head_dim as f64).sqrt(),
+        sliding_window: None,
+        differentiable: false,
+    };
+    let q = Tensor::zeros((config.num_heads, 1, head_dim), DType::F32, &Device::Cpu).unwrap();
+    let with_value = |x: f32| {
+        let mut data = vec![0.5f32; kv_heads * head_dim];
+        data[head_dim + 3] = x; // KV head 1, channel 3
+        Tensor::from_vec(data, (kv_heads, 1, head_dim), &Device::Cpu).unwrap()
+    };
+    let ok = with_value(65519.0);
+    let too_big = with_value(-70000.0);
+    let mut sim = SimQuantCache::with_semantics(s.plan.clone(), 4, SimSemantics::Packed);
+    let mut packed = PackedCache::new(layers, kv_heads, head_dim, &s.units, 4).unwrap();
+    for (name, cache) in [
+        ("simulation", &mut sim as &mut dyn KvCache),
+        ("packed", &mut packed),
+    ] {
+        cache.attend(0, &q, &ok, &ok, &params).unwrap();
+        let e = cache
+            .attend(1, &q, &ok, &too_big, &params)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: -70000 accepted"))
+            .to_string();
+        assert!(
+            e.contains("layer 1 v")
+                && e.contains("f16")
+                && e.contains("kv head 1")
+                && e.contains("channel 3"),
+            "{name}: {e}"
+        );
+    }
+}

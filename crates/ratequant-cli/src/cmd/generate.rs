@@ -476,7 +476,7 @@ fn print_summary(
         versus_f16(held.times_smaller_than_f16),
         match &held.breakdown {
             Some(r) => format!(
-                " (codes {}, scales/zero-points {}, full-precision residual {}, padding {})",
+                " (codes {}, scales/zero-points {}, f16 residual {}, padding {})",
                 human_bytes(r.code_bytes as u64),
                 human_bytes(r.metadata_bytes as u64),
                 human_bytes(r.residual_bytes as u64),
@@ -498,8 +498,8 @@ fn print_summary(
     }
 }
 
-/// "3.70× smaller" or, for a cache bigger than f16 (f32, or short contexts held in the
-/// full-precision residual), "2.00× larger".
+/// "3.70× smaller" or, for a cache bigger than f16 (f32, or short contexts held in the f16
+/// residual plus the code buffers' padding), "2.00× larger".
 fn versus_f16(times_smaller: f64) -> String {
     if times_smaller >= 1.0 {
         format!("{times_smaller:.2}× smaller")
