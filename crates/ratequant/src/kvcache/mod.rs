@@ -268,8 +268,10 @@ impl PackedKvCache {
                     x.len()
                 )));
             }
-            // `!(|x| < F16_OVERFLOW)` also catches NaN.
-            if let Some(i) = x.iter().position(|x| !(x.abs() < F16_OVERFLOW)) {
+            if let Some(i) = x
+                .iter()
+                .position(|x| !x.is_finite() || x.abs() >= F16_OVERFLOW)
+            {
                 let per_head = tokens * self.shape.head_dim;
                 let what = if x[i].is_finite() {
                     "value beyond the f16 range (|x| ≥ 65520 rounds to infinity in the f16 residual)"
@@ -289,7 +291,7 @@ impl PackedKvCache {
     }
 
     fn check_q(&self, q: &[f32], heads: usize, tokens: usize) -> Result<()> {
-        if heads == 0 || heads % self.shape.kv_heads != 0 {
+        if heads == 0 || !heads.is_multiple_of(self.shape.kv_heads) {
             return Err(Error::invalid(format!(
                 "query heads ({heads}) must be a positive multiple of the cache's KV heads ({})",
                 self.shape.kv_heads

@@ -299,7 +299,7 @@ impl KeyStore {
         if self.core.layout.per_channel {
             // Whole groups only (quantized_len guarantees it): one block per group.
             let g = self.block_tokens;
-            debug_assert!(n % g == 0 && self.core.quantized % g == 0);
+            debug_assert!(n.is_multiple_of(g) && self.core.quantized.is_multiple_of(g));
             let mut slot = vec![0u8; g];
             for group_rows in rows[..n * d].chunks_exact(g * d) {
                 let (codes, enc) = self.core.encode(group_rows, g)?;
