@@ -34,9 +34,9 @@ enum Command {
     Fetch(cmd::fetch::FetchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Fit(args) => cmd::fit::run(args),
         Command::Allocate(args) => cmd::allocate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
@@ -44,5 +44,22 @@ fn main() -> anyhow::Result<()> {
         Command::Sweep(args) => cmd::sweep::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Fetch(args) => cmd::fetch::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error and its causes on one line each; no backtrace even when RUST_BACKTRACE
+            // is set, since these are input problems, not bugs (panics still show theirs).
+            let mut shown = e.to_string();
+            eprintln!("error: {shown}");
+            for cause in e.chain().skip(1).map(|c| c.to_string()) {
+                // Many messages already quote their cause; don't repeat it.
+                if !shown.contains(&cause) {
+                    eprintln!("  caused by: {cause}");
+                }
+                shown = cause;
+            }
+            std::process::ExitCode::FAILURE
+        }
     }
 }

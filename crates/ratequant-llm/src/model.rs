@@ -4,8 +4,6 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use crate::config::ModelConfig;
-
 /// Weights under GGUF-style canonical names, whatever the file format:
 /// `token_embd.weight`, `output_norm.weight`, `output.weight` (absent when tied),
 /// `blk.{l}.attn_norm.weight`, `blk.{l}.attn_q.weight` / `.bias`, `attn_k`, `attn_v`,

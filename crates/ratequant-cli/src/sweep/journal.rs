@@ -229,10 +229,6 @@ impl Journal {
         self.results.iter().find(|r| r.cell.same(cell))
     }
 
-    pub fn results(&self) -> &[CellResult] {
-        &self.results
-    }
-
     /// Records a completed cell durably (written and fsync'd before returning).
     pub fn append(&mut self, result: CellResult) -> Result<()> {
         let mut line = serde_json::to_string(&result)?;
@@ -340,7 +336,7 @@ mod tests {
             panic!("expected invalidation, got {opened:?}")
         };
         assert!(moved_to.exists());
-        assert!(j.results().is_empty());
+        assert!(j.results.is_empty());
         assert!(j.get(&cell).is_none());
     }
 
@@ -364,7 +360,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 3, "header + two cells:\n{text}");
         let (j, _) = Journal::open(dir.path(), &args).unwrap();
-        assert_eq!(j.results().len(), 2);
+        assert_eq!(j.results.len(), 2);
     }
 
     #[test]

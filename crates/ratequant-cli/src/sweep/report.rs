@@ -376,7 +376,7 @@ pub fn distortion_figure(fit: &DesignFit) -> String {
         series.push(Series {
             name: name.clone(),
             color: color.clone(),
-            style: Style::LineMarkers,
+            style: Style::Markers,
             points: measured,
             in_legend: true,
         });
