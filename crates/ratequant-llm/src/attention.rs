@@ -83,27 +83,11 @@ pub fn attention_with_residual(
     if residual == 0 {
         return attention(q, k_q, v_q, q_start, params);
     }
-    let qg = g.grouped_queries(q)?;
+    // The same window for keys and values: the general two-mask attention with one mask.
     let recent = recent_mask(g.t, g.s, q_start, residual, q.device())?
-        .reshape((1, 1, g.t, g.s))?
-        .broadcast_as((g.kv_heads, g.group, g.t, g.s))?;
-    let four_d = (g.kv_heads, g.group, g.t, g.s);
-    let scores_fp = qg.matmul(&k_fp.t()?)?.reshape(four_d)?;
-    let scores_q = qg.matmul(&k_q.t()?)?.reshape(four_d)?;
-    let scores = recent.where_cond(&scores_fp, &scores_q)?;
-    let probs = if params.differentiable {
-        let mask = causal_mask(g.t, g.s, q_start, params.sliding_window, q.device())?;
-        candle_nn::ops::softmax(&(scores * params.scale)?.broadcast_add(&mask)?, D::Minus1)?
-    } else {
-        let flat = scores.reshape((g.kv_heads, g.group * g.t, g.s))?;
-        masked_softmax(&flat, g.t, q_start, params.scale, params.sliding_window)?.reshape(four_d)?
-    };
-    let zeros = probs.zeros_like()?;
-    let p_recent = recent.where_cond(&probs, &zeros)?;
-    let p_old = recent.where_cond(&zeros, &probs)?;
-    let flat = (g.kv_heads, g.group * g.t, g.s);
-    let out = (p_recent.reshape(flat)?.matmul(v_fp)? + p_old.reshape(flat)?.matmul(v_q)?)?;
-    out.reshape((g.heads, g.t, g.d))
+        .reshape((1, g.t, g.s))?
+        .broadcast_as((g.kv_heads, g.t, g.s))?;
+    attention_with_precision_masks(q, k_fp, v_fp, k_q, v_q, q_start, &recent, &recent, params)
 }
 
 /// Attention where each KV head decides, per (query, key), whether that key and that value are
