@@ -2,9 +2,9 @@
 //! against the full-precision cache, on a model and a text.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
@@ -68,6 +68,9 @@ struct JsonReport<'a> {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    if let Some(path) = &args.json {
+        super::check_output_path(path, "--json")?;
+    }
     let cache = AssetCache::from_env();
     let model = load_model(&args.model, &cache)
         .with_context(|| format!("loading model `{}`", args.model))?;
@@ -175,7 +178,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             mean_bits: quant_plan.as_ref().and_then(KvQuantPlan::mean_bits),
             report: &report,
         };
-        write_json_atomic(path, &json)?;
+        ratequant::atomic::write_json_atomic(path, &json)
+            .with_context(|| format!("writing --json {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -235,35 +239,4 @@ fn print_report(r: &EvalReport, kv_label: &str, residual: usize, plan: Option<&K
         ),
         None => println!("throughput: {:.1} tokens/s", r.tokens_per_second),
     }
-}
-
-/// Writes `value` as pretty JSON to a temporary file beside `path`, then renames it over
-/// `path`: readers never see a half-written report.
-fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        bail!(
-            "cannot write {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        );
-    }
-    let name = path
-        .file_name()
-        .with_context(|| format!("--json {} names no file", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let bytes = serde_json::to_vec_pretty(value)?;
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("renaming {} to {}", tmp.display(), path.display())
-    })?;
-    Ok(())
 }

@@ -4,7 +4,7 @@
 //! `--json`, to a report file.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -168,7 +168,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sampler =
         Sampler::new(args.temperature, args.top_p, args.seed).map_err(anyhow::Error::msg)?;
     if let Some(path) = &args.json {
-        check_output_dir(path)?;
+        super::check_output_path(path, "--json")?;
     }
     let plan = match &args.plan {
         Some(path) => {
@@ -506,25 +506,6 @@ fn versus_f16(times_smaller: f64) -> String {
     } else {
         format!("{:.2}× larger", 1.0 / times_smaller)
     }
-}
-
-/// Fails early (before a long run) if `--json`'s directory does not exist.
-fn check_output_dir(path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        bail!(
-            "cannot write --json {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        );
-    }
-    if path.file_name().is_none() {
-        bail!("--json {} names no file", path.display());
-    }
-    Ok(())
 }
 
 /// `MemAvailable` of /proc/meminfo in bytes (Linux), `None` where unknown.
