@@ -526,3 +526,36 @@ fn eval_simulates_the_packed_cache_on_request() {
     let o = run(&[&"eval", &"--model", &f.model, &"--kv-semantics", &"exact"]);
     assert!(stderr(&o).contains("tile, packed"), "{}", stderr(&o));
 }
+
+#[test]
+fn eval_runs_a_plan_and_refuses_one_for_another_model() {
+    let f = fixture();
+    let text = f.dir.path().join("text.txt");
+    std::fs::write(&text, "a plan simulated over a tiny model; ".repeat(4)).unwrap();
+    let eval = |plan: &Path, json_path: &Path| {
+        run(&[
+            &"eval", &"--model", &f.model, &"--data", &text, &"--ctx", &"40", &"--plan", &plan,
+            &"--json", &json_path,
+        ])
+    };
+    let good = f.dir.path().join("plan.json");
+    write_plan(&good, LAYERS, KV_HEADS);
+    let json_path = f.dir.path().join("eval-plan.json");
+    let o = eval(&good, &json_path);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&json_path);
+    assert_eq!(r["mean_bits"], 3.0);
+    assert!(r["perplexity"]["perplexity"].as_f64().unwrap().is_finite());
+
+    let other = f.dir.path().join("other.json");
+    write_plan(&other, LAYERS + 1, KV_HEADS);
+    let json_path = f.dir.path().join("eval-refused.json");
+    let o = eval(&other, &json_path);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("another model") && err.contains("layer 2"),
+        "{err}"
+    );
+    assert!(!json_path.exists(), "no report on error");
+}

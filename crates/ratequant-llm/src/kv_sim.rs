@@ -115,39 +115,17 @@ impl KvQuantPlan {
             Arc::from(quant::build(&spec).map_err(candle_core::Error::wrap)?);
         q.check_head_dim(head_dim)
             .map_err(candle_core::Error::wrap)?;
-        if let Some(u) = plan
-            .units
-            .iter()
-            .find(|u| u.layer >= num_layers || u.head >= kv_heads)
-        {
-            candle_core::bail!(
-                "the plan has a unit for layer {} head {} ({}), but the model has {num_layers} layers × {kv_heads} KV heads: \
-                 the plan was made for another model",
-                u.layer,
-                u.head,
-                u.kind.as_str()
-            );
-        }
+        // The packed cache's reading of the plan: the same coverage checks and unit order.
+        let formats = crate::kv_packed::plan_units(plan, num_layers, kv_heads)?;
         let mut out = KvQuantPlan::full_precision(num_layers, kv_heads);
-        for layer in 0..num_layers {
-            for head in 0..kv_heads {
-                for kind in [Kind::K, Kind::V] {
-                    let bits = plan.bits(layer, head, kind).ok_or_else(|| {
-                        candle_core::Error::Msg(format!(
-                            "the plan has no unit for layer {layer} head {head} ({}), but the model has {num_layers} layers × \
-                             {kv_heads} KV heads: the plan was made for another model",
-                            kind.as_str()
-                        ))
-                    })?;
-                    out.set(
-                        layer,
-                        head,
-                        kind,
-                        Some(UnitQuant {
-                            quantizer: q.clone(),
-                            bits,
-                        }),
-                    )?;
+        for (layer, per_layer) in formats.chunks(kv_heads * 2).enumerate() {
+            for (head, pair) in per_layer.chunks(2).enumerate() {
+                for (kind, format) in [Kind::K, Kind::V].into_iter().zip(pair) {
+                    let unit = UnitQuant {
+                        quantizer: q.clone(),
+                        bits: format.bits,
+                    };
+                    out.set(layer, head, kind, Some(unit))?;
                 }
             }
         }
