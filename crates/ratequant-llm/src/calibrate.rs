@@ -142,13 +142,7 @@ pub fn estimate_memory(config: &ModelConfig, sequences: usize, ctx: usize) -> Me
     }
 }
 
-/// `MemAvailable` from `/proc/meminfo`, in bytes (None where it cannot be read).
-pub fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+pub use crate::sysmem::available_memory;
 
 /// Refuses when `estimate` exceeds 90% of `available` (keeping room for the weights' growth
 /// and the allocator).

@@ -22,6 +22,7 @@ pub mod model;
 pub mod reference;
 pub mod rope;
 pub mod synthetic;
+pub mod sysmem;
 pub mod text;
 pub mod tokenizer;
 

@@ -18,6 +18,7 @@ use ratequant_llm::generate::{
     generate, stop_ids, GenerateOptions, Generation, Sampler, StopReason, TextStream,
 };
 use ratequant_llm::kv_packed::{plan_units, uniform_units, PackedCache};
+use ratequant_llm::sysmem::{available_memory, peak_resident_memory};
 use ratequant_llm::{load_model, AssetCache, Decoder, FpCache, KvCache, KvSpec, Tokenizer};
 
 #[derive(Debug, Args)]
@@ -217,7 +218,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             estimate(shape, units, args.residual, context).with_context(cannot_serve)?,
         ),
     };
-    if let Some(available) = mem_available_bytes() {
+    if let Some(available) = available_memory() {
         if planned.bytes as u64 > available {
             bail!(
                 "the KV cache at {context} tokens ({} prompt + {} to generate) needs {} ({label}; an f16 cache would need {}), \
@@ -245,6 +246,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
 
     let decoder = Decoder::new(&config, &model.weights).context("building the decoder")?;
+    drop(model.weights);
     eprintln!(
         "model {} ({:?}: {} layers, {} heads / {} KV heads × {}), KV cache {label}{}; prompt {} tokens, up to {} new \
          ({}); KV at {context} tokens: {} (f16: {})",
@@ -289,7 +291,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     )?;
     let wall = started.elapsed().as_secs_f64();
     let held = cache.memory(shape);
-    let peak = peak_resident_bytes();
+    let peak = peak_resident_memory();
     print_summary(&generation, &held, &planned, peak, wall);
 
     let Some(path) = &args.json else {
@@ -508,29 +510,6 @@ fn versus_f16(times_smaller: f64) -> String {
     }
 }
 
-/// `MemAvailable` of /proc/meminfo in bytes (Linux), `None` where unknown.
-fn mem_available_bytes() -> Option<u64> {
-    proc_kib_field("/proc/meminfo", "MemAvailable:")
-}
-
-/// Peak resident set size of this process (`VmHWM` of /proc/self/status), `None` where unknown.
-fn peak_resident_bytes() -> Option<u64> {
-    proc_kib_field("/proc/self/status", "VmHWM:")
-}
-
-/// A `Name:   1234 kB` line of a /proc file, in bytes.
-fn proc_kib_field(file: &str, name: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(file).ok()?;
-    let line = text.lines().find(|l| l.starts_with(name))?;
-    let kib: u64 = line[name.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
-}
-
 fn human_bytes(bytes: u64) -> String {
     const KIB: f64 = 1024.0;
     let b = bytes as f64;
@@ -548,7 +527,6 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn ratio_words() {
@@ -562,15 +540,6 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 << 20), "3.0 MiB");
         assert_eq!(human_bytes(5 << 30), "5.00 GiB");
-    }
-
-    #[test]
-    fn proc_fields_parse() {
-        // On Linux both exist; elsewhere the functions say "unknown" instead of failing.
-        if Path::new("/proc/meminfo").exists() {
-            assert!(mem_available_bytes().unwrap() > 0);
-            assert!(peak_resident_bytes().unwrap() > 0);
-        }
     }
 
     #[test]
