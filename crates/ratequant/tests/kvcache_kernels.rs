@@ -170,3 +170,32 @@ fn exp_is_accurate() {
     assert_eq!(attention::exp_f32(0.0), 1.0);
     assert!(attention::exp_f32(-1000.0) < 1e-37);
 }
+
+#[test]
+fn softmax_block_simd_equals_scalar_bit_for_bit() {
+    let mut rng = Rng(11);
+    for len in (0..40).chain([255, 1024]) {
+        for spread in [0.1f32, 10.0, 300.0] {
+            let scores: Vec<f32> = (0..len).map(|_| rng.f() * spread).collect();
+            let mut want = scores.clone();
+            let (want_max, want_sum) = attention::softmax_block(Isa::Scalar, &mut want);
+            if len > 0 {
+                // The reference itself: exp(x − max), summed.
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                assert_eq!(want_max, max);
+                let sum: f64 = scores.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                assert!((want_sum as f64 - sum).abs() <= 1e-5 * sum, "len {len}: sum {want_sum} vs {sum}");
+            }
+            for isa in Isa::available() {
+                let mut got = scores.clone();
+                let (max, sum) = attention::softmax_block(isa, &mut got);
+                let what = format!("softmax {} len {len} spread {spread}", isa.name());
+                assert_eq!(max.to_bits(), want_max.to_bits(), "{what}: max");
+                assert_eq!(sum.to_bits(), want_sum.to_bits(), "{what}: sum");
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{what}: element {i}");
+                }
+            }
+        }
+    }
+}

@@ -64,8 +64,6 @@ pub fn round_to_residual_precision(values: &mut [f32]) {
 
 /// Tokens per attention task: the unit of work spread over threads and of the blockwise softmax.
 const TASK_TOKENS: usize = 1024;
-/// Tokens whose value scales are prepared together in the value pass.
-const VALUE_SUB_BLOCK: usize = 64;
 
 /// Shape of the cache: the model's attention geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -501,7 +499,7 @@ impl PackedKvCache {
                     // SAFETY: AVX2, FMA and F16C were detected.
                     return unsafe { run_task_avx2(isa, view, prep, p, a, b, d, residual) };
                 }
-                run_task(isa, view, prep, p, a, b, d, residual)
+                run_task::<false>(isa, view, prep, p, a, b, d, residual)
             })
             .collect();
         // Merge each (KV head, query)'s blocks; tasks are in (h, i) order.
@@ -676,15 +674,16 @@ fn run_task_avx2(
     d: usize,
     residual: usize,
 ) -> TaskOut {
-    run_task(isa, view, prep, p, a, b, d, residual)
+    run_task::<true>(isa, view, prep, p, a, b, d, residual)
 }
 
 /// Attention of one (KV head, query at position `p`) over positions `a..b`: scores, the
 /// block's softmax, and the value accumulation (packed part in `acc_q`, which is in the
-/// rotated domain for QuaRot values; full-precision part in `acc_fp`).
+/// rotated domain for QuaRot values; full-precision part in `acc_fp`). `F16C`: the caller
+/// runs with AVX2, FMA and F16C enabled, so the glue may use them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn run_task(
+fn run_task<const F16C: bool>(
     isa: Isa,
     view: &HeadView,
     prep: &QueryPrep,
@@ -701,7 +700,7 @@ fn run_task(
     let kq = key.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(kq);
     if a < packed_end {
-        packed_key_scores(isa, view.key, prep, a, packed_end, &mut scores, len);
+        packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, &mut scores, len);
     }
     for pos in a.max(kq)..b {
         let row = view.k_fp.row(pos, d);
@@ -722,7 +721,7 @@ fn run_task(
     let vq = value.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(vq);
     if a < packed_end {
-        packed_values(
+        packed_values::<F16C>(
             isa, view.value, &scores, len, a, packed_end, rows, &mut acc_q,
         );
     }
@@ -743,15 +742,41 @@ fn run_task(
     }
 }
 
-fn to_f32(src: &[f16], dst: &mut Vec<f32>) {
+/// Widens `src` into `dst` (resized to fit); with F16C when the caller enabled it (`half`'s
+/// slice conversion detects the CPU on every call, which costs more than these short runs).
+#[inline(always)]
+fn to_f32<const F16C: bool>(src: &[f16], dst: &mut Vec<f32>) {
     dst.clear();
     dst.resize(src.len(), 0.0);
-    src.convert_to_f32_slice(dst);
+    #[cfg(target_arch = "x86_64")]
+    if F16C {
+        // SAFETY: F16C is only true inside run_task_avx2, which enables it.
+        unsafe { widen_f16c(src, dst) };
+        return;
+    }
+    for (d, h) in dst.iter_mut().zip(src) {
+        *d = h.to_f32();
+    }
+}
+
+/// Exact, like `f16::to_f32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    for i in whole..src.len() {
+        dst[i] = src[i].to_f32();
+    }
 }
 
 /// Scores of positions `a..e` (all quantized) into `scores[r·len + pos − a0]`, where `a0 = a`.
 #[inline(always)]
-fn packed_key_scores(
+fn packed_key_scores<const F16C: bool>(
     isa: Isa,
     key: &KeyStore,
     prep: &QueryPrep,
@@ -778,14 +803,18 @@ fn packed_key_scores(
         let out_at = blk_start + lo - a;
         if core.layout.per_channel {
             // score = Σ_c (q_c·s_c)·code_c + Σ_c q_c·z_c: the block's scales fold into the query.
-            to_f32(&core.scales[0][blk * d..(blk + 1) * d], &mut s);
-            to_f32(&core.zeros[0][blk * d..(blk + 1) * d], &mut z);
-            for r in 0..rows {
-                let qr = &prep.q_packed[r * d..(r + 1) * d];
-                for c in 0..d {
-                    w[r * d + c] = qr[c] * s[c];
+            to_f32::<F16C>(&core.scales[0][blk * d..(blk + 1) * d], &mut s);
+            to_f32::<F16C>(&core.zeros[0][blk * d..(blk + 1) * d], &mut z);
+            for ((qr, wr), b) in prep
+                .q_packed
+                .chunks_exact(d)
+                .zip(w.chunks_exact_mut(d))
+                .zip(bias.iter_mut())
+            {
+                for ((w, q), s) in wr.iter_mut().zip(qr).zip(&s) {
+                    *w = q * s;
                 }
-                bias[r] = attention::dot(qr, &z);
+                *b = attention::dot(qr, &z);
             }
             attention::key_scores(
                 isa,
@@ -800,9 +829,9 @@ fn packed_key_scores(
                 &mut scores[out_at..],
                 len,
             );
-            for r in 0..rows {
+            for (r, &b) in bias.iter().enumerate() {
                 for x in &mut scores[r * len + out_at..r * len + out_at + hi - lo] {
-                    *x += bias[r];
+                    *x += b;
                 }
             }
         } else {
@@ -826,13 +855,14 @@ fn packed_key_scores(
                     &mut tmp,
                     n,
                 );
-                to_f32(&core.scales[g][blk_start + lo..blk_start + hi], &mut s);
-                to_f32(&core.zeros[g][blk_start + lo..blk_start + hi], &mut z);
-                for r in 0..rows {
-                    let qsum = prep.q_group_sums[r * core.layout.channel_groups(d) + g];
+                to_f32::<F16C>(&core.scales[g][blk_start + lo..blk_start + hi], &mut s);
+                to_f32::<F16C>(&core.zeros[g][blk_start + lo..blk_start + hi], &mut z);
+                let groups = core.layout.channel_groups(d);
+                for (r, part) in tmp.chunks_exact(n).enumerate() {
+                    let qsum = prep.q_group_sums[r * groups + g];
                     let dst = &mut scores[r * len + out_at..r * len + out_at + n];
-                    for t in 0..n {
-                        dst[t] += s[t] * tmp[r * n + t] + z[t] * qsum;
+                    for (((x, &sc), &zz), &dot) in dst.iter_mut().zip(&s).zip(&z).zip(part) {
+                        *x += sc * dot + zz * qsum;
                     }
                 }
             }
@@ -842,9 +872,13 @@ fn packed_key_scores(
 
 /// Accumulates `Σ_pos p[r][pos]·v[pos]` over quantized positions `a..e` into `acc`
 /// (`rows × head_dim`), where `p[r][pos] = probs[r·len + pos − a]`.
+///
+/// Per channel group: `Σ_pos p·(s·code + z) = Σ_pos (p·s)·code + Σ_pos p·z`, the first by the
+/// kernel over the whole range in one call, the second one dot product added to the group's
+/// channels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn packed_values(
+fn packed_values<const F16C: bool>(
     isa: Isa,
     value: &ValueStore,
     probs: &[f32],
@@ -856,47 +890,37 @@ fn packed_values(
 ) {
     let core = &value.core;
     let d = core.head_dim;
-    let g_size = core.layout.group;
-    let groups = core.layout.channel_groups(d);
+    let n = e - a;
+    let codes = &core.codes[a * value.row_bytes..];
     let mut s = Vec::new();
     let mut z = Vec::new();
-    let mut ps = vec![0.0f32; rows * VALUE_SUB_BLOCK];
-    let mut zacc = vec![0.0f32; rows * groups];
-    let mut t0 = a;
-    while t0 < e {
-        let t1 = (t0 + VALUE_SUB_BLOCK).min(e);
-        let n = t1 - t0;
-        let codes = &core.codes[t0 * value.row_bytes..];
-        for (g, c0) in (0..d).step_by(g_size).enumerate() {
-            let c1 = (c0 + g_size).min(d);
-            to_f32(&core.scales[g][t0..t1], &mut s);
-            to_f32(&core.zeros[g][t0..t1], &mut z);
-            for r in 0..rows {
-                let p = &probs[r * len + t0 - a..r * len + t1 - a];
-                for t in 0..n {
-                    ps[r * n + t] = p[t] * s[t];
-                }
-                zacc[r * groups + g] += attention::dot(p, &z);
+    let mut ps = vec![0.0f32; rows * n];
+    for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
+        let c1 = (c0 + core.layout.group).min(d);
+        to_f32::<F16C>(&core.scales[g][a..e], &mut s);
+        to_f32::<F16C>(&core.zeros[g][a..e], &mut z);
+        for (r, psr) in ps.chunks_exact_mut(n).enumerate() {
+            let p = &probs[r * len..r * len + n];
+            for ((o, &pp), &sc) in psr.iter_mut().zip(p).zip(&s) {
+                *o = pp * sc;
             }
-            attention::value_accumulate(
-                isa,
-                codes,
-                value.row_bytes,
-                core.bits,
-                n,
-                c0..c1,
-                &ps,
-                n,
-                rows,
-                acc,
-                d,
-            );
+            let zero_part = attention::dot(p, &z);
+            for x in &mut acc[r * d + c0..r * d + c1] {
+                *x += zero_part;
+            }
         }
-        t0 = t1;
-    }
-    for r in 0..rows {
-        for c in 0..d {
-            acc[r * d + c] += zacc[r * groups + c / g_size];
-        }
+        attention::value_accumulate(
+            isa,
+            codes,
+            value.row_bytes,
+            core.bits,
+            n,
+            c0..c1,
+            &ps,
+            n,
+            rows,
+            acc,
+            d,
+        );
     }
 }

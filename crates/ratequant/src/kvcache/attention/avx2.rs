@@ -1,27 +1,74 @@
 //! AVX2 + FMA kernels: 8 codes per vector.
 //!
 //! Eight `b`-bit codes always fill exactly `b` whole bytes, so one constant set per bit-width
-//! serves every position. Up to 4 bits they fit one 32-bit word ([`WordUnpack`]: broadcast,
-//! per-lane shift, mask, convert); wider codes take one byte shuffle more ([`ShuffleUnpack`]).
+//! serves every position. Up to 3 bits they fit one 32-bit word ([`MaskUnpack`]: broadcast,
+//! per-lane mask, convert); wider codes take one byte shuffle more ([`ShuffleUnpack`]). Neither
+//! shifts: lanes carry their code times a power of two, undone once per output vector.
 
 // Indexing accumulator arrays by row and chunk keeps the register blocking readable.
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
-/// Turns eight consecutive `b`-bit codes (always `b` whole bytes) into eight f32 lanes.
+/// Turns eight consecutive `b`-bit codes (always `b` whole bytes) into eight f32 lanes that
+/// hold each code times a power of two (`code·2^shift[lane]`), with no per-lane variable shift
+/// (`vpsrlvd` costs as much as an FMA on this class of CPU and was the kernels' bottleneck).
+/// The kernels accumulate in that scaled domain and multiply by [`Unpack8::lane_scale`]
+/// (`2^−shift`) once at the end. Scaling by a power of two commutes exactly with every f32
+/// rounding (barring overflow and subnormals, far outside attention's range), so the results
+/// are bit-identical to accumulating the plain codes.
 trait Unpack8 {
     unsafe fn new(bits: u8) -> Self;
-    /// Eight codes starting at byte `p`.
+    /// Eight codes starting at byte `p`, lane `i` scaled by `2^shift[i]`.
     unsafe fn load(&self, p: *const u8) -> __m256;
+    /// `2^−shift[i]` per lane.
+    fn lane_scale(&self) -> __m256;
 }
 
-/// Any width: load 8 bytes, broadcast them to both 128-bit halves, `vpshufb` gives each lane
-/// the two bytes its code starts in, `vpsrlvd` shifts each lane by its bit offset, mask.
+/// Up to 3 bits the eight codes fit the low 24 bits of one 32-bit word: broadcast the word and
+/// mask lane `i` with `(2^b − 1) << i·b`, leaving `code·2^(i·b)` (below 2^24, exact in f32).
+struct MaskUnpack {
+    mask: __m256i,
+    scale: __m256,
+}
+
+impl Unpack8 for MaskUnpack {
+    #[inline(always)]
+    unsafe fn new(bits: u8) -> Self {
+        debug_assert!(bits <= 3);
+        let b = bits as usize;
+        let mut mask = [0i32; 8];
+        let mut scale = [0f32; 8];
+        for lane in 0..8 {
+            mask[lane] = ((1i32 << b) - 1) << (lane * b);
+            scale[lane] = 1.0 / (1u32 << (lane * b)) as f32;
+        }
+        MaskUnpack {
+            mask: _mm256_loadu_si256(mask.as_ptr() as *const __m256i),
+            scale: _mm256_loadu_ps(scale.as_ptr()),
+        }
+    }
+
+    /// Reads 4 bytes.
+    #[inline(always)]
+    unsafe fn load(&self, p: *const u8) -> __m256 {
+        let word = _mm256_set1_epi32((p as *const i32).read_unaligned());
+        _mm256_cvtepi32_ps(_mm256_and_si256(word, self.mask))
+    }
+
+    #[inline(always)]
+    fn lane_scale(&self) -> __m256 {
+        self.scale
+    }
+}
+
+/// Any width: load 8 bytes into both 128-bit halves, `vpshufb` gives each lane the two bytes
+/// its code starts in, and a per-lane mask keeps the code in place: `code·2^(bit offset)`,
+/// below 2^15.
 struct ShuffleUnpack {
     ctrl: __m256i,
-    shifts: __m256i,
     mask: __m256i,
+    scale: __m256,
 }
 
 impl Unpack8 for ShuffleUnpack {
@@ -29,7 +76,8 @@ impl Unpack8 for ShuffleUnpack {
     unsafe fn new(bits: u8) -> Self {
         let b = bits as usize;
         let mut ctrl = [0x80u8; 32];
-        let mut shifts = [0i32; 8];
+        let mut mask = [0i32; 8];
+        let mut scale = [0f32; 8];
         for lane in 0..8 {
             let bit = lane * b;
             let byte = (bit / 8) as u8;
@@ -38,52 +86,27 @@ impl Unpack8 for ShuffleUnpack {
             let at = (lane / 4) * 16 + (lane % 4) * 4;
             ctrl[at] = byte;
             ctrl[at + 1] = byte + 1;
-            shifts[lane] = (bit % 8) as i32;
+            mask[lane] = ((1i32 << b) - 1) << (bit % 8);
+            scale[lane] = 1.0 / (1u32 << (bit % 8)) as f32;
         }
         ShuffleUnpack {
             ctrl: _mm256_loadu_si256(ctrl.as_ptr() as *const __m256i),
-            shifts: _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
-            mask: _mm256_set1_epi32((1i32 << bits) - 1),
+            mask: _mm256_loadu_si256(mask.as_ptr() as *const __m256i),
+            scale: _mm256_loadu_ps(scale.as_ptr()),
         }
     }
 
     /// Reads 8 bytes.
     #[inline(always)]
     unsafe fn load(&self, p: *const u8) -> __m256 {
-        let raw = _mm_loadl_epi64(p as *const __m128i);
-        let both = _mm256_broadcastsi128_si256(raw);
+        let both = _mm256_broadcastq_epi64(_mm_loadl_epi64(p as *const __m128i));
         let spread = _mm256_shuffle_epi8(both, self.ctrl);
-        let codes = _mm256_and_si256(_mm256_srlv_epi32(spread, self.shifts), self.mask);
-        _mm256_cvtepi32_ps(codes)
-    }
-}
-
-/// Up to 4 bits: the eight codes fit one 32-bit word, so broadcast that word to every lane
-/// and shift lane `i` right by `i·b` — no shuffle.
-struct WordUnpack {
-    shifts: __m256i,
-    mask: __m256i,
-}
-
-impl Unpack8 for WordUnpack {
-    #[inline(always)]
-    unsafe fn new(bits: u8) -> Self {
-        debug_assert!(bits <= 4);
-        let b = bits as i32;
-        WordUnpack {
-            shifts: _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b),
-            mask: _mm256_set1_epi32((1i32 << bits) - 1),
-        }
+        _mm256_cvtepi32_ps(_mm256_and_si256(spread, self.mask))
     }
 
-    /// Reads 4 bytes.
     #[inline(always)]
-    unsafe fn load(&self, p: *const u8) -> __m256 {
-        let word = _mm256_set1_epi32((p as *const i32).read_unaligned());
-        _mm256_cvtepi32_ps(_mm256_and_si256(
-            _mm256_srlv_epi32(word, self.shifts),
-            self.mask,
-        ))
+    fn lane_scale(&self) -> __m256 {
+        self.scale
     }
 }
 
@@ -119,9 +142,11 @@ unsafe fn key_pass<const R: usize, const NC: usize, U: Unpack8>(
     acc
 }
 
-/// Stores the lanes of `acc` (chunks from token `t0`) that fall in `t_begin..t_end`.
+/// Stores the lanes of `acc` (chunks from token `t0`), times the unpacker's lane scale, that
+/// fall in `t_begin..t_end`.
 #[inline(always)]
 unsafe fn store_scores<const R: usize, const NC: usize>(
+    lane_scale: __m256,
     acc: &[[__m256; NC]; R],
     t0: usize,
     t_begin: usize,
@@ -135,11 +160,12 @@ unsafe fn store_scores<const R: usize, const NC: usize>(
         let hi = t_end.min(base + 8);
         for (r, acc_r) in acc.iter().enumerate() {
             let dst = out.add(r * out_stride);
+            let scores = _mm256_mul_ps(acc_r[k], lane_scale);
             if lo == base && hi == base + 8 {
-                _mm256_storeu_ps(dst.add(base - t_begin), acc_r[k]);
+                _mm256_storeu_ps(dst.add(base - t_begin), scores);
             } else if lo < hi {
                 let mut tmp = [0f32; 8];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc_r[k]);
+                _mm256_storeu_ps(tmp.as_mut_ptr(), scores);
                 for t in lo..hi {
                     *dst.add(t - t_begin) = tmp[t - base];
                 }
@@ -172,12 +198,12 @@ unsafe fn key_scores_rows<const R: usize, const NC: usize, U: Unpack8>(
     // Full passes of NC chunks, then single chunks, never reading past the last chunk.
     while t0 + NC * 8 <= end8 {
         let acc = key_pass::<R, NC, U>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
-        store_scores::<R, NC>(&acc, t0, t_begin, t_end, out, out_stride);
+        store_scores::<R, NC>(unpack.lane_scale(), &acc, t0, t_begin, t_end, out, out_stride);
         t0 += NC * 8;
     }
     while t0 < t_end {
         let acc = key_pass::<R, 1, U>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
-        store_scores::<R, 1>(&acc, t0, t_begin, t_end, out, out_stride);
+        store_scores::<R, 1>(unpack.lane_scale(), &acc, t0, t_begin, t_end, out, out_stride);
         t0 += 8;
     }
 }
@@ -213,9 +239,11 @@ unsafe fn value_pass<const R: usize, const NC: usize, U: Unpack8>(
     acc
 }
 
-/// Adds the lanes of `acc` (chunks from channel `ch`) below `c1` into the accumulator rows.
+/// Adds the lanes of `acc` (chunks from channel `ch`) below `c1`, times the unpacker's lane
+/// scale, into the accumulator rows.
 #[inline(always)]
 unsafe fn add_values<const R: usize, const NC: usize>(
+    lane_scale: __m256,
     acc: &[[__m256; NC]; R],
     ch: usize,
     c1: usize,
@@ -227,11 +255,12 @@ unsafe fn add_values<const R: usize, const NC: usize>(
         let hi = c1.min(base + 8);
         for (r, acc_r) in acc.iter().enumerate() {
             let dst = acc_out.add(r * acc_stride + base);
+            let sums = _mm256_mul_ps(acc_r[k], lane_scale);
             if hi == base + 8 {
-                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc_r[k]));
+                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), sums));
             } else if base < hi {
                 let mut tmp = [0f32; 8];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc_r[k]);
+                _mm256_storeu_ps(tmp.as_mut_ptr(), sums);
                 for (i, v) in tmp.iter().take(hi - base).enumerate() {
                     *dst.add(i) += v;
                 }
@@ -261,20 +290,20 @@ unsafe fn value_accumulate_rows<const R: usize, const NC: usize, U: Unpack8>(
     let mut ch = c0;
     while ch + NC * 8 <= end8 {
         let acc = value_pass::<R, NC, U>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
-        add_values::<R, NC>(&acc, ch, c1, acc_out, acc_stride);
+        add_values::<R, NC>(unpack.lane_scale(), &acc, ch, c1, acc_out, acc_stride);
         ch += NC * 8;
     }
     while ch < c1 {
         let acc = value_pass::<R, 1, U>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
-        add_values::<R, 1>(&acc, ch, c1, acc_out, acc_stride);
+        add_values::<R, 1>(unpack.lane_scale(), &acc, ch, c1, acc_out, acc_stride);
         ch += 8;
     }
 }
 
 macro_rules! dispatch_rows {
     ($f:ident, $rows:expr, $bits:expr, ($($arg:expr),*)) => {
-        if $bits <= 4 {
-            dispatch_rows!(@rows $f, WordUnpack, $rows, ($($arg),*))
+        if $bits <= 3 {
+            dispatch_rows!(@rows $f, MaskUnpack, $rows, ($($arg),*))
         } else {
             dispatch_rows!(@rows $f, ShuffleUnpack, $rows, ($($arg),*))
         }

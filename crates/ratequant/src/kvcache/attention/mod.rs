@@ -362,10 +362,69 @@ fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
     (max, sums.iter().sum())
 }
 
+/// [`softmax_block_generic`] in AVX2, operation for operation (the same max, the same exp
+/// arithmetic without FMA contraction, the same eight lane sums), so it returns identical bits;
+/// the compiler does not vectorise the generic exp's float→int conversion on its own.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn softmax_block_avx2(scores: &mut [f32]) -> (f32, f32) {
-    softmax_block_generic(scores)
+unsafe fn softmax_block_avx2(scores: &mut [f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let whole = scores.len() / 8 * 8;
+    let p = scores.as_mut_ptr();
+    let mut maxes = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..whole).step_by(8) {
+        // max_ps(x, m) = if x > m { x } else { m }, as the generic loop.
+        maxes = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), maxes);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), maxes);
+    let max = scores[whole..]
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    if scores.is_empty() {
+        return (max, 0.0);
+    }
+    let vmax = _mm256_set1_ps(max);
+    let mut sums = _mm256_setzero_ps();
+    for i in (0..whole).step_by(8) {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
+        _mm256_storeu_ps(p.add(i), e);
+        sums = _mm256_add_ps(sums, e);
+    }
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+    for s in &mut scores[whole..] {
+        *s = exp_f32(*s - max);
+        lanes[0] += *s;
+    }
+    (max, lanes.iter().sum())
+}
+
+/// Eight lanes of [`exp_f32`], the same operations in the same order.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let set = _mm256_set1_ps;
+    let x = _mm256_min_ps(_mm256_max_ps(x, set(-87.0)), set(88.0));
+    let round = set(12_582_912.0);
+    let n = _mm256_sub_ps(
+        _mm256_add_ps(_mm256_mul_ps(x, set(std::f32::consts::LOG2_E)), round),
+        round,
+    );
+    let r = _mm256_sub_ps(
+        _mm256_sub_ps(x, _mm256_mul_ps(n, set(0.693_359_4))),
+        _mm256_mul_ps(n, set(-2.121_944_4e-4)),
+    );
+    let mut poly = set(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        poly = _mm256_add_ps(_mm256_mul_ps(poly, r), set(c));
+    }
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(_mm256_castsi256_ps(pow2), poly)
 }
 
 /// `Σ_c a[c]·b[c]` with eight partial sums, so that it vectorises.
