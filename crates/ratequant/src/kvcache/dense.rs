@@ -197,6 +197,8 @@ impl<T: DenseElement> DenseLayerCache<T> {
         let len = b - a;
         let mut scores = vec![0.0f32; rows * len];
         let mut buf = vec![0.0f32; T::scratch(F16_SUB_BLOCK * d)];
+        // The same softmax as the packed cache runs, so that benchmarks compare the caches.
+        let isa = Isa::detect();
         let keys = &self.k[h];
         let values = &self.v[h];
         let mut t0 = a;
@@ -213,7 +215,7 @@ impl<T: DenseElement> DenseLayerCache<T> {
         let softmax: Vec<SoftmaxPart> = scores
             .chunks_exact_mut(len)
             .map(|row| {
-                let (max, sum) = attention::softmax_block(Isa::Scalar, row);
+                let (max, sum) = attention::softmax_block(isa, row);
                 SoftmaxPart { max, sum }
             })
             .collect();

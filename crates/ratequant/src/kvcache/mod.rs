@@ -705,7 +705,7 @@ fn run_task<const F16C: bool>(
     for pos in a.max(kq)..b {
         let row = view.k_fp.row(pos, d);
         for r in 0..rows {
-            scores[r * len + pos - a] = attention::dot(&prep.q[r * d..(r + 1) * d], row);
+            scores[r * len + pos - a] = dot::<F16C>(&prep.q[r * d..(r + 1) * d], row);
         }
     }
     let softmax: Vec<SoftmaxPart> = scores
@@ -739,6 +739,16 @@ fn run_task<const F16C: bool>(
         softmax,
         acc_q,
         acc_fp,
+    }
+}
+
+/// A dot product, fused where the glue runs with FMA.
+#[inline(always)]
+fn dot<const F16C: bool>(a: &[f32], b: &[f32]) -> f32 {
+    if F16C {
+        attention::dot_fused(a, b)
+    } else {
+        attention::dot(a, b)
     }
 }
 
@@ -795,7 +805,14 @@ fn packed_key_scores<const F16C: bool>(
     let mut w = vec![0.0f32; rows * d];
     let mut bias = vec![0.0f32; rows];
     let mut tmp = Vec::new();
-    for blk in a / t_block..e.div_ceil(t_block) {
+    let blocks = a / t_block..e.div_ceil(t_block);
+    if core.layout.per_channel {
+        // Every block's scales and zero-points at once: `[block][channel]`.
+        let range = blocks.start * d..blocks.end * d;
+        to_f32::<F16C>(&core.scales[0][range.clone()], &mut s);
+        to_f32::<F16C>(&core.zeros[0][range], &mut z);
+    }
+    for blk in blocks.clone() {
         let blk_start = blk * t_block;
         let lo = a.max(blk_start) - blk_start;
         let hi = e.min(blk_start + t_block) - blk_start;
@@ -803,18 +820,18 @@ fn packed_key_scores<const F16C: bool>(
         let out_at = blk_start + lo - a;
         if core.layout.per_channel {
             // score = Σ_c (q_c·s_c)·code_c + Σ_c q_c·z_c: the block's scales fold into the query.
-            to_f32::<F16C>(&core.scales[0][blk * d..(blk + 1) * d], &mut s);
-            to_f32::<F16C>(&core.zeros[0][blk * d..(blk + 1) * d], &mut z);
+            let at = (blk - blocks.start) * d;
+            let (sb, zb) = (&s[at..at + d], &z[at..at + d]);
             for ((qr, wr), b) in prep
                 .q_packed
                 .chunks_exact(d)
                 .zip(w.chunks_exact_mut(d))
                 .zip(bias.iter_mut())
             {
-                for ((w, q), s) in wr.iter_mut().zip(qr).zip(&s) {
+                for ((w, q), s) in wr.iter_mut().zip(qr).zip(sb) {
                     *w = q * s;
                 }
-                *b = attention::dot(qr, &z);
+                *b = dot::<F16C>(qr, zb);
             }
             attention::key_scores(
                 isa,
@@ -904,7 +921,7 @@ fn packed_values<const F16C: bool>(
             for ((o, &pp), &sc) in psr.iter_mut().zip(p).zip(&s) {
                 *o = pp * sc;
             }
-            let zero_part = attention::dot(p, &z);
+            let zero_part = dot::<F16C>(p, &z);
             for x in &mut acc[r * d + c0..r * d + c1] {
                 *x += zero_part;
             }

@@ -35,14 +35,8 @@ struct MaskUnpack {
 impl Unpack8 for MaskUnpack {
     #[inline(always)]
     unsafe fn new(bits: u8) -> Self {
-        debug_assert!(bits <= 3);
-        let b = bits as usize;
-        let mut mask = [0i32; 8];
-        let mut scale = [0f32; 8];
-        for lane in 0..8 {
-            mask[lane] = ((1i32 << b) - 1) << (lane * b);
-            scale[lane] = 1.0 / (1u32 << (lane * b)) as f32;
-        }
+        debug_assert!((1..=3).contains(&bits));
+        let (mask, scale) = &MASK_TABLES[bits as usize];
         MaskUnpack {
             mask: _mm256_loadu_si256(mask.as_ptr() as *const __m256i),
             scale: _mm256_loadu_ps(scale.as_ptr()),
@@ -74,21 +68,7 @@ struct ShuffleUnpack {
 impl Unpack8 for ShuffleUnpack {
     #[inline(always)]
     unsafe fn new(bits: u8) -> Self {
-        let b = bits as usize;
-        let mut ctrl = [0x80u8; 32];
-        let mut mask = [0i32; 8];
-        let mut scale = [0f32; 8];
-        for lane in 0..8 {
-            let bit = lane * b;
-            let byte = (bit / 8) as u8;
-            // Byte indices refer to the lane's own 128-bit half; both halves hold the same 8
-            // loaded bytes (the upper 8 bytes of each half are zero).
-            let at = (lane / 4) * 16 + (lane % 4) * 4;
-            ctrl[at] = byte;
-            ctrl[at + 1] = byte + 1;
-            mask[lane] = ((1i32 << b) - 1) << (bit % 8);
-            scale[lane] = 1.0 / (1u32 << (bit % 8)) as f32;
-        }
+        let (ctrl, mask, scale) = &SHUFFLE_TABLES[bits as usize];
         ShuffleUnpack {
             ctrl: _mm256_loadu_si256(ctrl.as_ptr() as *const __m256i),
             mask: _mm256_loadu_si256(mask.as_ptr() as *const __m256i),
@@ -109,6 +89,47 @@ impl Unpack8 for ShuffleUnpack {
         self.scale
     }
 }
+
+/// [`MaskUnpack`]'s per-lane masks `(2^b − 1) << i·b` and scales `2^−i·b`, by bit-width
+/// (built at compile time: the kernels are called once per block of a few dozen tokens).
+const MASK_TABLES: [([i32; 8], [f32; 8]); 4] = {
+    let mut t = [([0i32; 8], [0f32; 8]); 4];
+    let mut b = 1;
+    while b <= 3 {
+        let mut lane = 0;
+        while lane < 8 {
+            t[b].0[lane] = ((1 << b) - 1) << (lane * b);
+            t[b].1[lane] = 1.0 / (1u32 << (lane * b)) as f32;
+            lane += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// [`ShuffleUnpack`]'s byte shuffle, per-lane masks and scales, by bit-width. Lane `i`'s code
+/// starts at bit `i·b`: byte `i·b/8`, offset `i·b mod 8`.
+const SHUFFLE_TABLES: [([u8; 32], [i32; 8], [f32; 8]); 9] = {
+    let mut t = [([0x80u8; 32], [0i32; 8], [0f32; 8]); 9];
+    let mut b = 1;
+    while b <= 8 {
+        let mut lane = 0;
+        while lane < 8 {
+            let bit = lane * b;
+            let byte = (bit / 8) as u8;
+            // Byte indices refer to the lane's own 128-bit half; both halves hold the same 8
+            // loaded bytes.
+            let at = (lane / 4) * 16 + (lane % 4) * 4;
+            t[b].0[at] = byte;
+            t[b].0[at + 1] = byte + 1;
+            t[b].1[lane] = ((1 << b) - 1) << (bit % 8);
+            t[b].2[lane] = 1.0 / (1u32 << (bit % 8)) as f32;
+            lane += 1;
+        }
+        b += 1;
+    }
+    t
+};
 
 /// Scores of `NC` chunks of 8 tokens starting at token `t0` into `acc`, for `R` rows.
 #[inline(always)]

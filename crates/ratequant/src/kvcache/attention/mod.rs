@@ -297,25 +297,38 @@ pub fn value_accumulate(
 
 /// `exp(x)` for the softmax, accurate to a few ulp over `[−87, 88]` (and 0 below), written as
 /// branch-free arithmetic so that loops over it vectorise: `x = n·ln2 + r`, `|r| ≤ ln2/2`,
-/// `e^r` by its degree-6 Taylor polynomial, `2^n` built in the exponent bits.
+/// `e^r` by its degree-6 Taylor polynomial in Horner form, `2^n` built in the exponent bits.
+/// Every step is a fused multiply-add, as the AVX2 path computes it, so both return the same
+/// bits (where the CPU lacks FMA, `mul_add` is exact in software: slow, but this scalar path
+/// is the reference, not the one AVX2 machines run).
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
-    // Round to nearest by the 1.5·2^23 trick: plain adds, so it vectorises without SSE4.1.
-    const ROUND: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
+    // Round to nearest by the 1.5·2^23 trick.
+    let n = x.mul_add(std::f32::consts::LOG2_E, EXP_ROUND) - EXP_ROUND;
+    let r = n.mul_add(-EXP_LN2_HI, x);
+    let r = n.mul_add(-EXP_LN2_LO, r);
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p.mul_add(r, *c);
+    }
     f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
+
+const EXP_ROUND: f32 = 12_582_912.0;
+/// ln 2 split in two so that `n·LN2_HI` is exact.
+const EXP_LN2_HI: f32 = 0.693_359_4;
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// Taylor coefficients of `e^r`, highest degree first.
+const EXP_POLY: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
 
 /// Replaces `scores` by `exp(score − max)` and returns `(max, Σ exp)`: one block's share of a
 /// softmax, merged with the other blocks' by [`SoftmaxPart::merge`].
@@ -363,7 +376,7 @@ fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
 }
 
 /// [`softmax_block_generic`] in AVX2, operation for operation (the same max, the same exp
-/// arithmetic without FMA contraction, the same eight lane sums), so it returns identical bits;
+/// arithmetic, the same eight lane sums), so it returns identical bits;
 /// the compiler does not vectorise the generic exp's float→int conversion on its own.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -407,18 +420,16 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let set = _mm256_set1_ps;
     let x = _mm256_min_ps(_mm256_max_ps(x, set(-87.0)), set(88.0));
-    let round = set(12_582_912.0);
+    let round = set(EXP_ROUND);
     let n = _mm256_sub_ps(
-        _mm256_add_ps(_mm256_mul_ps(x, set(std::f32::consts::LOG2_E)), round),
+        _mm256_fmadd_ps(x, set(std::f32::consts::LOG2_E), round),
         round,
     );
-    let r = _mm256_sub_ps(
-        _mm256_sub_ps(x, _mm256_mul_ps(n, set(0.693_359_4))),
-        _mm256_mul_ps(n, set(-2.121_944_4e-4)),
-    );
-    let mut poly = set(1.0 / 720.0);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        poly = _mm256_add_ps(_mm256_mul_ps(poly, r), set(c));
+    let r = _mm256_fmadd_ps(n, set(-EXP_LN2_HI), x);
+    let r = _mm256_fmadd_ps(n, set(-EXP_LN2_LO), r);
+    let mut poly = set(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        poly = _mm256_fmadd_ps(poly, r, set(*c));
     }
     let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
         _mm256_cvtps_epi32(n),
@@ -441,6 +452,25 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut tail = 0.0;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
         tail += x * y;
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// [`dot`] with fused multiply-adds: for glue compiled with FMA enabled, where `mul_add` is
+/// one instruction (elsewhere it is a slow exact software routine).
+#[inline(always)]
+pub fn dot_fused(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            sums[i] = x[i].mul_add(y[i], sums[i]);
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail = x.mul_add(*y, tail);
     }
     sums.iter().sum::<f32>() + tail
 }
