@@ -6,7 +6,10 @@
 //! Besides criterion's own report, prints a summary measured in the same run: median time
 //! per step, speed-up over the f16 cache, the bytes each cache must read, this machine's read
 //! bandwidth (summing a 256 MiB buffer on the same threads) and the time those bytes take at
-//! that bandwidth (the bound), as a fraction of the measured time.
+//! that bandwidth (the bound), as a fraction of the measured time. Beside it the compute
+//! bound: the step's multiply-adds (`2 · heads · tokens · head_dim`, the same for every cache:
+//! the packed kernels compute in f32 on unpacked codes) at this machine's measured peak rate
+//! of 8-wide FMAs on the same threads.
 //!
 //! `RATEQUANT_BENCH_CONTEXTS=1024,16384` limits the contexts;
 //! `RATEQUANT_BENCH_QUANTIZER=kivi:g=128` changes the design;
@@ -140,6 +143,48 @@ fn read_bandwidth() -> f64 {
     (buf.len() * 4) as f64 / best
 }
 
+/// Peak multiply-adds per second on the pool's threads: ten independent chains of 8-wide
+/// FMAs per thread, the best of several runs. NaN where the CPU lacks AVX2/FMA.
+fn fma_rate() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        const ITERS: usize = 20_000_000;
+        let threads = rayon::current_num_threads();
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let start = Instant::now();
+            let total: f32 = (0..threads)
+                .into_par_iter()
+                // SAFETY: AVX2 and FMA detected above.
+                .map(|_| unsafe { fma_chains(ITERS) })
+                .sum();
+            black_box(total);
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        return (threads * ITERS * 10 * 8) as f64 / best;
+    }
+    f64::NAN
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 10];
+    let x = _mm256_set1_ps(0.999_9);
+    let y = _mm256_set1_ps(1e-3);
+    for _ in 0..iters {
+        for a in &mut acc {
+            *a = _mm256_fmadd_ps(*a, x, y);
+        }
+    }
+    let mut sum = _mm256_setzero_ps();
+    for a in acc {
+        sum = _mm256_add_ps(sum, a);
+    }
+    _mm256_cvtss_f32(black_box(sum))
+}
+
 fn sum8(x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let mut chunks = x.chunks_exact(16);
@@ -204,6 +249,7 @@ fn decode_attention(c: &mut Criterion) {
     };
     let q = activations(1, HEADS, 3);
     let bandwidth = read_bandwidth();
+    let macs_per_second = fma_rate();
     let mut summary = Vec::new();
     let mut group = c.benchmark_group("decode_attention");
     for tokens in contexts() {
@@ -238,15 +284,17 @@ fn decode_attention(c: &mut Criterion) {
         quantizer()
     );
     println!(
-        "threads {}, load average {}, measured read bandwidth {:.2} GB/s",
+        "threads {}, load average {}, measured read bandwidth {:.2} GB/s, peak f32 multiply-adds {:.1} G/s",
         rayon::current_num_threads(),
         load_average(),
-        bandwidth / 1e9
+        bandwidth / 1e9,
+        macs_per_second / 1e9
     );
     println!("(wall: median wall time per step; cpu: CPU time of all threads per step, less sensitive to other load;");
-    println!(" bound: bytes read / measured bandwidth; bound/time: how close the wall time is to that bound)");
+    println!(" bound: bytes read / measured bandwidth; bound/time: how close the wall time is to that bound;");
+    println!(" fma bound: the step's 2·heads·tokens·head_dim multiply-adds at the peak rate; fma/time likewise)");
     println!(
-        "{:>7} {:>11} {:>10} {:>8} {:>10} {:>8} {:>12} {:>9} {:>10}",
+        "{:>7} {:>11} {:>10} {:>8} {:>10} {:>8} {:>12} {:>9} {:>10} {:>9} {:>8}",
         "tokens",
         "cache",
         "wall µs",
@@ -255,17 +303,20 @@ fn decode_attention(c: &mut Criterion) {
         "vs f16",
         "bytes read",
         "bound µs",
-        "bound/time"
+        "bound/time",
+        "fma µs",
+        "fma/time"
     );
     for &(tokens, ref name, t, cpu, bytes) in &summary {
         let Some(f16) = summary.iter().find(|s| s.0 == tokens && s.1 == "f16") else {
             continue;
         };
         let bound = bytes as f64 / bandwidth;
+        let fma_bound = (2 * HEADS * tokens * HEAD_DIM) as f64 / macs_per_second;
         let cpu_us = cpu.map_or(f64::NAN, |c| c.as_secs_f64() * 1e6);
         let f16_cpu_us = f16.3.map_or(f64::NAN, |c| c.as_secs_f64() * 1e6);
         println!(
-            "{:>7} {:>11} {:>10.1} {:>7.2}× {:>10.1} {:>7.2}× {:>12} {:>9.1} {:>9.0}%",
+            "{:>7} {:>11} {:>10.1} {:>7.2}× {:>10.1} {:>7.2}× {:>12} {:>9.1} {:>9.0}% {:>9.1} {:>7.0}%",
             tokens,
             name,
             t.as_secs_f64() * 1e6,
@@ -274,7 +325,9 @@ fn decode_attention(c: &mut Criterion) {
             f16_cpu_us / cpu_us,
             bytes,
             bound * 1e6,
-            100.0 * bound / t.as_secs_f64()
+            100.0 * bound / t.as_secs_f64(),
+            fma_bound * 1e6,
+            100.0 * fma_bound / t.as_secs_f64()
         );
     }
 }
