@@ -441,36 +441,30 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 /// `Σ_c a[c]·b[c]` with eight partial sums, so that it vectorises.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            sums[i] += x[i] * y[i];
-        }
-    }
-    let mut tail = 0.0;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    sums.iter().sum::<f32>() + tail
+    dot_with::<false>(a, b)
 }
 
 /// [`dot`] with fused multiply-adds: for glue compiled with FMA enabled, where `mul_add` is
 /// one instruction (elsewhere it is a slow exact software routine).
 #[inline(always)]
 pub fn dot_fused(a: &[f32], b: &[f32]) -> f32 {
+    dot_with::<true>(a, b)
+}
+
+#[inline(always)]
+fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let madd = |x: f32, y: f32, acc: f32| if FUSED { x.mul_add(y, acc) } else { acc + x * y };
     let mut sums = [0.0f32; 8];
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for i in 0..8 {
-            sums[i] = x[i].mul_add(y[i], sums[i]);
+            sums[i] = madd(x[i], y[i], sums[i]);
         }
     }
     let mut tail = 0.0;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail = x.mul_add(*y, tail);
+        tail = madd(*x, *y, tail);
     }
     sums.iter().sum::<f32>() + tail
 }
