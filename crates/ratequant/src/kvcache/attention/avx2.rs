@@ -1,28 +1,47 @@
-//! AVX2 + FMA kernels: 8 codes per vector.
+//! AVX2 + FMA: 8 codes per vector, for the kernels in [`super::simd`].
 //!
-//! Eight `b`-bit codes always fill exactly `b` whole bytes, so one constant set per bit-width
-//! serves every position. Up to 3 bits they fit one 32-bit word ([`MaskUnpack`]: broadcast,
-//! per-lane mask, convert); wider codes take one byte shuffle more ([`ShuffleUnpack`]). Neither
-//! shifts: lanes carry their code times a power of two, undone once per output vector.
-
-// Indexing accumulator arrays by row and chunk keeps the register blocking readable.
-#![allow(clippy::needless_range_loop)]
+//! Eight `b`-bit codes always fill exactly `b` whole bytes. Up to 3 bits they fit one 32-bit
+//! word ([`MaskUnpack`]: broadcast, per-lane mask, convert); wider codes take one byte shuffle
+//! more ([`ShuffleUnpack`]).
 
 use std::arch::x86_64::*;
 
-/// Turns eight consecutive `b`-bit codes (always `b` whole bytes) into eight f32 lanes that
-/// hold each code times a power of two (`code·2^shift[lane]`), with no per-lane variable shift
-/// (`vpsrlvd` costs as much as an FMA on this class of CPU and was the kernels' bottleneck).
-/// The kernels accumulate in that scaled domain and multiply by [`Unpack8::lane_scale`]
-/// (`2^−shift`) once at the end. Scaling by a power of two commutes exactly with every f32
-/// rounding (barring overflow and subnormals, far outside attention's range), so the results
-/// are bit-identical to accumulating the plain codes.
-trait Unpack8 {
-    unsafe fn new(bits: u8) -> Self;
-    /// Eight codes starting at byte `p`, lane `i` scaled by `2^shift[i]`.
-    unsafe fn load(&self, p: *const u8) -> __m256;
-    /// `2^−shift[i]` per lane.
-    fn lane_scale(&self) -> __m256;
+use super::simd::{self, Simd, Unpack};
+
+/// The AVX2 vector width.
+pub(super) struct Avx2;
+
+impl Simd for Avx2 {
+    type V = __m256;
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> __m256 {
+        _mm256_broadcast_ss(&*p)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        _mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
 }
 
 /// Up to 3 bits the eight codes fit the low 24 bits of one 32-bit word: broadcast the word and
@@ -32,7 +51,7 @@ struct MaskUnpack {
     scale: __m256,
 }
 
-impl Unpack8 for MaskUnpack {
+impl Unpack<Avx2> for MaskUnpack {
     #[inline(always)]
     unsafe fn new(bits: u8) -> Self {
         debug_assert!((1..=3).contains(&bits));
@@ -51,7 +70,7 @@ impl Unpack8 for MaskUnpack {
     }
 
     #[inline(always)]
-    fn lane_scale(&self) -> __m256 {
+    unsafe fn lane_scale(&self) -> __m256 {
         self.scale
     }
 }
@@ -65,7 +84,7 @@ struct ShuffleUnpack {
     scale: __m256,
 }
 
-impl Unpack8 for ShuffleUnpack {
+impl Unpack<Avx2> for ShuffleUnpack {
     #[inline(always)]
     unsafe fn new(bits: u8) -> Self {
         let (ctrl, mask, scale) = &SHUFFLE_TABLES[bits as usize];
@@ -85,7 +104,7 @@ impl Unpack8 for ShuffleUnpack {
     }
 
     #[inline(always)]
-    fn lane_scale(&self) -> __m256 {
+    unsafe fn lane_scale(&self) -> __m256 {
         self.scale
     }
 }
@@ -107,99 +126,21 @@ const MASK_TABLES: [([i32; 8], [f32; 8]); 4] = {
     t
 };
 
-/// [`ShuffleUnpack`]'s byte shuffle, per-lane masks and scales, by bit-width. Lane `i`'s code
-/// starts at bit `i·b`: byte `i·b/8`, offset `i·b mod 8`.
+/// [`ShuffleUnpack`]'s constants by bit-width ([`simd::shuffle_table`]).
 const SHUFFLE_TABLES: [([u8; 32], [i32; 8], [f32; 8]); 9] = {
-    let mut t = [([0x80u8; 32], [0i32; 8], [0f32; 8]); 9];
+    let mut t = [([0u8; 32], [0i32; 8], [0f32; 8]); 9];
     let mut b = 1;
     while b <= 8 {
-        let mut lane = 0;
-        while lane < 8 {
-            let bit = lane * b;
-            let byte = (bit / 8) as u8;
-            // Byte indices refer to the lane's own 128-bit half; both halves hold the same 8
-            // loaded bytes.
-            let at = (lane / 4) * 16 + (lane % 4) * 4;
-            t[b].0[at] = byte;
-            t[b].0[at + 1] = byte + 1;
-            t[b].1[lane] = ((1 << b) - 1) << (bit % 8);
-            t[b].2[lane] = 1.0 / (1u32 << (bit % 8)) as f32;
-            lane += 1;
-        }
+        t[b] = simd::shuffle_table::<8, 32>(b);
         b += 1;
     }
     t
 };
 
-/// Scores of `NC` chunks of 8 tokens starting at token `t0` into `acc`, for `R` rows.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn key_pass<const R: usize, const NC: usize, U: Unpack8>(
-    unpack: &U,
-    codes: *const u8,
-    slot_bytes: usize,
-    b: usize,
-    c0: usize,
-    c1: usize,
-    t0: usize,
-    w: *const f32,
-    w_stride: usize,
-) -> [[__m256; NC]; R] {
-    let mut acc = [[_mm256_setzero_ps(); NC]; R];
-    let mut p = codes.add(c0 * slot_bytes + t0 * b / 8);
-    for c in c0..c1 {
-        let mut wr = [_mm256_setzero_ps(); R];
-        for (r, x) in wr.iter_mut().enumerate() {
-            *x = _mm256_broadcast_ss(&*w.add(r * w_stride + c));
-        }
-        for k in 0..NC {
-            let v = unpack.load(p.add(k * b));
-            for r in 0..R {
-                acc[r][k] = _mm256_fmadd_ps(wr[r], v, acc[r][k]);
-            }
-        }
-        p = p.add(slot_bytes);
-    }
-    acc
-}
-
-/// Stores the lanes of `acc` (chunks from token `t0`), times the unpacker's lane scale, that
-/// fall in `t_begin..t_end`.
-#[inline(always)]
-unsafe fn store_scores<const R: usize, const NC: usize>(
-    lane_scale: __m256,
-    acc: &[[__m256; NC]; R],
-    t0: usize,
-    t_begin: usize,
-    t_end: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
-    for k in 0..NC {
-        let base = t0 + 8 * k;
-        let lo = t_begin.max(base);
-        let hi = t_end.min(base + 8);
-        for (r, acc_r) in acc.iter().enumerate() {
-            let dst = out.add(r * out_stride);
-            let scores = _mm256_mul_ps(acc_r[k], lane_scale);
-            if lo == base && hi == base + 8 {
-                _mm256_storeu_ps(dst.add(base - t_begin), scores);
-            } else if lo < hi {
-                let mut tmp = [0f32; 8];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), scores);
-                for t in lo..hi {
-                    *dst.add(t - t_begin) = tmp[t - base];
-                }
-            }
-        }
-    }
-}
-
-/// See [`super::key_scores`]. `R` query rows, `NC` chunks of 8 tokens per pass (independent
-/// accumulators hide the FMA latency).
+/// [`simd::key_scores_rows`] compiled for AVX2.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn key_scores_rows<const R: usize, const NC: usize, U: Unpack8>(
+unsafe fn key_scores_rows<const R: usize, const NC: usize, U: Unpack<Avx2>>(
     codes: *const u8,
     slot_bytes: usize,
     bits: u8,
@@ -212,88 +153,15 @@ unsafe fn key_scores_rows<const R: usize, const NC: usize, U: Unpack8>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    let unpack = U::new(bits);
-    let b = bits as usize;
-    let end8 = t_end.div_ceil(8) * 8;
-    let mut t0 = t_begin / 8 * 8;
-    // Full passes of NC chunks, then single chunks, never reading past the last chunk.
-    while t0 + NC * 8 <= end8 {
-        let acc = key_pass::<R, NC, U>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
-        store_scores::<R, NC>(unpack.lane_scale(), &acc, t0, t_begin, t_end, out, out_stride);
-        t0 += NC * 8;
-    }
-    while t0 < t_end {
-        let acc = key_pass::<R, 1, U>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
-        store_scores::<R, 1>(unpack.lane_scale(), &acc, t0, t_begin, t_end, out, out_stride);
-        t0 += 8;
-    }
+    simd::key_scores_rows::<Avx2, U, R, NC>(
+        codes, slot_bytes, bits, c0, c1, t_begin, t_end, w, w_stride, out, out_stride,
+    )
 }
 
-/// `NC` chunks of 8 channels from channel `ch`, accumulated over `tokens` rows, for `R` rows.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn value_pass<const R: usize, const NC: usize, U: Unpack8>(
-    unpack: &U,
-    codes: *const u8,
-    row_bytes: usize,
-    b: usize,
-    tokens: usize,
-    ch: usize,
-    w: *const f32,
-    w_stride: usize,
-) -> [[__m256; NC]; R] {
-    let mut acc = [[_mm256_setzero_ps(); NC]; R];
-    let mut p = codes.add(ch * b / 8);
-    for t in 0..tokens {
-        let mut v = [_mm256_setzero_ps(); NC];
-        for (k, vk) in v.iter_mut().enumerate() {
-            *vk = unpack.load(p.add(k * b));
-        }
-        for r in 0..R {
-            let wr = _mm256_broadcast_ss(&*w.add(r * w_stride + t));
-            for k in 0..NC {
-                acc[r][k] = _mm256_fmadd_ps(wr, v[k], acc[r][k]);
-            }
-        }
-        p = p.add(row_bytes);
-    }
-    acc
-}
-
-/// Adds the lanes of `acc` (chunks from channel `ch`) below `c1`, times the unpacker's lane
-/// scale, into the accumulator rows.
-#[inline(always)]
-unsafe fn add_values<const R: usize, const NC: usize>(
-    lane_scale: __m256,
-    acc: &[[__m256; NC]; R],
-    ch: usize,
-    c1: usize,
-    acc_out: *mut f32,
-    acc_stride: usize,
-) {
-    for k in 0..NC {
-        let base = ch + 8 * k;
-        let hi = c1.min(base + 8);
-        for (r, acc_r) in acc.iter().enumerate() {
-            let dst = acc_out.add(r * acc_stride + base);
-            let sums = _mm256_mul_ps(acc_r[k], lane_scale);
-            if hi == base + 8 {
-                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), sums));
-            } else if base < hi {
-                let mut tmp = [0f32; 8];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), sums);
-                for (i, v) in tmp.iter().take(hi - base).enumerate() {
-                    *dst.add(i) += v;
-                }
-            }
-        }
-    }
-}
-
-/// See [`super::value_accumulate`]. `R` rows, `NC` chunks of 8 channels per pass.
+/// [`simd::value_accumulate_rows`] compiled for AVX2.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn value_accumulate_rows<const R: usize, const NC: usize, U: Unpack8>(
+unsafe fn value_accumulate_rows<const R: usize, const NC: usize, U: Unpack<Avx2>>(
     codes: *const u8,
     row_bytes: usize,
     bits: u8,
@@ -305,20 +173,9 @@ unsafe fn value_accumulate_rows<const R: usize, const NC: usize, U: Unpack8>(
     acc_out: *mut f32,
     acc_stride: usize,
 ) {
-    let unpack = U::new(bits);
-    let b = bits as usize;
-    let end8 = c0 + (c1 - c0).div_ceil(8) * 8;
-    let mut ch = c0;
-    while ch + NC * 8 <= end8 {
-        let acc = value_pass::<R, NC, U>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
-        add_values::<R, NC>(unpack.lane_scale(), &acc, ch, c1, acc_out, acc_stride);
-        ch += NC * 8;
-    }
-    while ch < c1 {
-        let acc = value_pass::<R, 1, U>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
-        add_values::<R, 1>(unpack.lane_scale(), &acc, ch, c1, acc_out, acc_stride);
-        ch += 8;
-    }
+    simd::value_accumulate_rows::<Avx2, U, R, NC>(
+        codes, row_bytes, bits, tokens, c0, c1, w, w_stride, acc_out, acc_stride,
+    )
 }
 
 macro_rules! dispatch_rows {

@@ -1,121 +1,93 @@
-//! AVX-512 (F + BW) kernels: 16 codes per vector, the same scheme as the AVX2 path.
+//! AVX-512 (F + BW): 16 codes per vector, for the kernels in [`super::simd`].
 //!
 //! Sixteen `b`-bit codes fill exactly `2b ≤ 16` bytes: load 16 bytes, broadcast them to the
-//! four 128-bit blocks, `vpshufb` gives each 32-bit lane the two bytes its code starts in,
-//! `vpsrlvd` shifts each lane by its bit offset, mask, convert to f32.
-
-// Indexing accumulator arrays by row and chunk keeps the register blocking readable.
-#![allow(clippy::needless_range_loop)]
+//! four 128-bit blocks, `vpshufb` gives each 32-bit lane the two bytes its code starts in, and
+//! a per-lane mask keeps the code in place (`code·2^(bit offset)`, no per-lane shift).
 
 use std::arch::x86_64::*;
 
-struct Unpack {
-    ctrl: __m512i,
-    shifts: __m512i,
-    mask: __m512i,
+use super::simd::{self, Simd, Unpack};
+
+/// The AVX-512 vector width.
+pub(super) struct Avx512;
+
+impl Simd for Avx512 {
+    type V = __m512;
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> __m512 {
+        _mm512_set1_ps(*p)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
 }
 
-impl Unpack {
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn new(bits: u8) -> Unpack {
-        let b = bits as usize;
-        let mut ctrl = [0x80u8; 64];
-        let mut shifts = [0i32; 16];
-        for lane in 0..16 {
-            let bit = lane * b;
-            let byte = (bit / 8) as u8;
-            // Byte indices refer to the lane's own 128-bit block; every block holds the same
-            // 16 loaded bytes. A second byte past them is never needed (only at 8 bits, where
-            // the code is one whole byte), so it reads as zero.
-            let at = (lane / 4) * 16 + (lane % 4) * 4;
-            ctrl[at] = byte;
-            ctrl[at + 1] = if byte < 15 { byte + 1 } else { 0x80 };
-            shifts[lane] = (bit % 8) as i32;
-        }
-        // SAFETY: plain unaligned loads from local arrays of the right size.
-        unsafe {
-            Unpack {
-                ctrl: _mm512_loadu_si512(ctrl.as_ptr() as *const __m512i),
-                shifts: _mm512_loadu_si512(shifts.as_ptr() as *const __m512i),
-                mask: _mm512_set1_epi32((1i32 << bits) - 1),
-            }
+/// [`ShuffleUnpack`]'s constants by bit-width ([`simd::shuffle_table`]; 16 bytes are loaded
+/// into every 128-bit block).
+const SHUFFLE_TABLES: [([u8; 64], [i32; 16], [f32; 16]); 9] = {
+    let mut t = [([0u8; 64], [0i32; 16], [0f32; 16]); 9];
+    let mut b = 1;
+    while b <= 8 {
+        t[b] = simd::shuffle_table::<16, 64>(b);
+        b += 1;
+    }
+    t
+};
+
+struct ShuffleUnpack {
+    ctrl: __m512i,
+    mask: __m512i,
+    scale: __m512,
+}
+
+impl Unpack<Avx512> for ShuffleUnpack {
+    #[inline(always)]
+    unsafe fn new(bits: u8) -> Self {
+        let (ctrl, mask, scale) = &SHUFFLE_TABLES[bits as usize];
+        ShuffleUnpack {
+            ctrl: _mm512_loadu_si512(ctrl.as_ptr() as *const __m512i),
+            mask: _mm512_loadu_si512(mask.as_ptr() as *const __m512i),
+            scale: _mm512_loadu_ps(scale.as_ptr()),
         }
     }
 
-    /// Sixteen codes starting at byte `p` (reads 16 bytes).
+    /// Reads 16 bytes.
     #[inline(always)]
     unsafe fn load(&self, p: *const u8) -> __m512 {
-        let raw = _mm_loadu_si128(p as *const __m128i);
-        let all = _mm512_broadcast_i32x4(raw);
+        let all = _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i));
         let spread = _mm512_shuffle_epi8(all, self.ctrl);
-        let codes = _mm512_and_si512(_mm512_srlv_epi32(spread, self.shifts), self.mask);
-        _mm512_cvtepi32_ps(codes)
+        _mm512_cvtepi32_ps(_mm512_and_si512(spread, self.mask))
+    }
+
+    #[inline(always)]
+    unsafe fn lane_scale(&self) -> __m512 {
+        self.scale
     }
 }
 
-/// Scores of `NC` chunks of 16 tokens starting at token `t0` into `acc`, for `R` rows.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn key_pass<const R: usize, const NC: usize>(
-    unpack: &Unpack,
-    codes: *const u8,
-    slot_bytes: usize,
-    b: usize,
-    c0: usize,
-    c1: usize,
-    t0: usize,
-    w: *const f32,
-    w_stride: usize,
-) -> [[__m512; NC]; R] {
-    let mut acc = [[_mm512_setzero_ps(); NC]; R];
-    let mut p = codes.add(c0 * slot_bytes + t0 * b / 8);
-    for c in c0..c1 {
-        let mut wr = [_mm512_setzero_ps(); R];
-        for (r, x) in wr.iter_mut().enumerate() {
-            *x = _mm512_set1_ps(*w.add(r * w_stride + c));
-        }
-        for k in 0..NC {
-            let v = unpack.load(p.add(k * 2 * b));
-            for r in 0..R {
-                acc[r][k] = _mm512_fmadd_ps(wr[r], v, acc[r][k]);
-            }
-        }
-        p = p.add(slot_bytes);
-    }
-    acc
-}
-
-/// Stores the lanes of `acc` (chunks from token `t0`) that fall in `t_begin..t_end`.
-#[inline(always)]
-unsafe fn store_scores<const R: usize, const NC: usize>(
-    acc: &[[__m512; NC]; R],
-    t0: usize,
-    t_begin: usize,
-    t_end: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
-    for k in 0..NC {
-        let base = t0 + 16 * k;
-        let lo = t_begin.max(base);
-        let hi = t_end.min(base + 16);
-        for (r, acc_r) in acc.iter().enumerate() {
-            let dst = out.add(r * out_stride);
-            if lo == base && hi == base + 16 {
-                _mm512_storeu_ps(dst.add(base - t_begin), acc_r[k]);
-            } else if lo < hi {
-                let mut tmp = [0f32; 16];
-                _mm512_storeu_ps(tmp.as_mut_ptr(), acc_r[k]);
-                for t in lo..hi {
-                    *dst.add(t - t_begin) = tmp[t - base];
-                }
-            }
-        }
-    }
-}
-
-/// See [`super::key_scores`]. `R` query rows, `NC` chunks of 16 tokens per pass (independent
-/// accumulators hide the FMA latency).
+/// [`simd::key_scores_rows`] compiled for AVX-512.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn key_scores_rows<const R: usize, const NC: usize>(
@@ -131,82 +103,12 @@ unsafe fn key_scores_rows<const R: usize, const NC: usize>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    let unpack = Unpack::new(bits);
-    let b = bits as usize;
-    let end16 = t_end.div_ceil(16) * 16;
-    let mut t0 = t_begin / 16 * 16;
-    // Full passes of NC chunks, then single chunks, never reading past the last chunk.
-    while t0 + NC * 16 <= end16 {
-        let acc = key_pass::<R, NC>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
-        store_scores::<R, NC>(&acc, t0, t_begin, t_end, out, out_stride);
-        t0 += NC * 16;
-    }
-    while t0 < t_end {
-        let acc = key_pass::<R, 1>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
-        store_scores::<R, 1>(&acc, t0, t_begin, t_end, out, out_stride);
-        t0 += 16;
-    }
+    simd::key_scores_rows::<Avx512, ShuffleUnpack, R, NC>(
+        codes, slot_bytes, bits, c0, c1, t_begin, t_end, w, w_stride, out, out_stride,
+    )
 }
 
-/// `NC` chunks of 16 channels from channel `ch`, accumulated over `tokens` rows, for `R` rows.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn value_pass<const R: usize, const NC: usize>(
-    unpack: &Unpack,
-    codes: *const u8,
-    row_bytes: usize,
-    b: usize,
-    tokens: usize,
-    ch: usize,
-    w: *const f32,
-    w_stride: usize,
-) -> [[__m512; NC]; R] {
-    let mut acc = [[_mm512_setzero_ps(); NC]; R];
-    let mut p = codes.add(ch * b / 8);
-    for t in 0..tokens {
-        let mut v = [_mm512_setzero_ps(); NC];
-        for (k, vk) in v.iter_mut().enumerate() {
-            *vk = unpack.load(p.add(k * 2 * b));
-        }
-        for r in 0..R {
-            let wr = _mm512_set1_ps(*w.add(r * w_stride + t));
-            for k in 0..NC {
-                acc[r][k] = _mm512_fmadd_ps(wr, v[k], acc[r][k]);
-            }
-        }
-        p = p.add(row_bytes);
-    }
-    acc
-}
-
-/// Adds the lanes of `acc` (chunks from channel `ch`) below `c1` into the accumulator rows.
-#[inline(always)]
-unsafe fn add_values<const R: usize, const NC: usize>(
-    acc: &[[__m512; NC]; R],
-    ch: usize,
-    c1: usize,
-    acc_out: *mut f32,
-    acc_stride: usize,
-) {
-    for k in 0..NC {
-        let base = ch + 16 * k;
-        let hi = c1.min(base + 16);
-        for (r, acc_r) in acc.iter().enumerate() {
-            let dst = acc_out.add(r * acc_stride + base);
-            if hi == base + 16 {
-                _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc_r[k]));
-            } else if base < hi {
-                let mut tmp = [0f32; 16];
-                _mm512_storeu_ps(tmp.as_mut_ptr(), acc_r[k]);
-                for (i, v) in tmp.iter().take(hi - base).enumerate() {
-                    *dst.add(i) += v;
-                }
-            }
-        }
-    }
-}
-
-/// See [`super::value_accumulate`]. `R` rows, `NC` chunks of 16 channels per pass.
+/// [`simd::value_accumulate_rows`] compiled for AVX-512.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn value_accumulate_rows<const R: usize, const NC: usize>(
@@ -221,20 +123,9 @@ unsafe fn value_accumulate_rows<const R: usize, const NC: usize>(
     acc_out: *mut f32,
     acc_stride: usize,
 ) {
-    let unpack = Unpack::new(bits);
-    let b = bits as usize;
-    let end16 = c0 + (c1 - c0).div_ceil(16) * 16;
-    let mut ch = c0;
-    while ch + NC * 16 <= end16 {
-        let acc = value_pass::<R, NC>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
-        add_values::<R, NC>(&acc, ch, c1, acc_out, acc_stride);
-        ch += NC * 16;
-    }
-    while ch < c1 {
-        let acc = value_pass::<R, 1>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
-        add_values::<R, 1>(&acc, ch, c1, acc_out, acc_stride);
-        ch += 16;
-    }
+    simd::value_accumulate_rows::<Avx512, ShuffleUnpack, R, NC>(
+        codes, row_bytes, bits, tokens, c0, c1, w, w_stride, acc_out, acc_stride,
+    )
 }
 
 macro_rules! dispatch_rows {

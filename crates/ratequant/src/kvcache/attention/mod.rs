@@ -18,6 +18,8 @@
 //! that a chunk's vector load never crosses it.
 
 pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -237,7 +239,7 @@ pub fn value_accumulate(
         acc.len() >= (rows - 1) * acc_stride + channels.end,
         "value_accumulate: accumulator too short"
     );
-    let aligned = (channels.start * bits as usize) % 8 == 0;
+    let aligned = (channels.start * bits as usize).is_multiple_of(8);
     for r0 in (0..rows).step_by(MAX_ROWS) {
         let n = MAX_ROWS.min(rows - r0);
         let w = &weights[r0 * w_stride..];
