@@ -19,7 +19,7 @@ use ratequant::quant::{self, Quantizer, QuantizerSpec};
 use ratequant_llm::calibrate::{
     available_memory, calibration_sequences, capture, check_memory, estimate_memory, CalibrateError,
 };
-use ratequant_llm::{load_model, load_text, AssetCache, Decoder, ModelConfig};
+use ratequant_llm::{Decoder, ModelConfig};
 
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
@@ -267,20 +267,11 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let started = Instant::now();
     let specs = parse_designs(&args.quantizer)?;
     let fit = fit_options(&args.bits, &args.fit_bits, &args.beta, &args.distortion)?;
-    let cache = AssetCache::from_env();
-    let model = load_model(&args.model, &cache)
-        .with_context(|| format!("loading model `{}`", args.model))?;
     // Fail on a design that cannot serve the model before reading text or running anything.
-    build_designs(&specs, &model.config)?;
-    let text =
-        load_text(&args.data, &cache).with_context(|| format!("loading text `{}`", args.data))?;
-    let config = model.config.clone();
-    let tokens = model
-        .tokenizer
-        .encode(&text, config.add_bos)
-        .context("tokenizing the calibration text")?;
-    let decoder = Decoder::new(&config, &model.weights).context("building the decoder")?;
-    drop(model.weights);
+    let loaded = super::load_model_and_texts(&args.model, &[args.data.as_str()], |config| {
+        build_designs(&specs, config).map(drop)
+    })?;
+    let (decoder, tokens) = (loaded.decoder, &loaded.tokens[0]);
     let load_s = started.elapsed().as_secs_f64();
 
     let settings = CalibrationSettings {
@@ -290,7 +281,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     };
     calibrate_to_dir(
         &decoder,
-        &tokens,
+        tokens,
         &specs,
         &settings,
         &args.out,

@@ -11,7 +11,7 @@ use serde::Serialize;
 use ratequant::formats::Plan;
 use ratequant_llm::eval::{evaluate, EvalOptions, EvalReport, Protocol, QuantSetting};
 use ratequant_llm::{
-    load_model, load_text, AssetCache, Decoder, KvQuantPlan, KvSpec, SimSemantics,
+    KvQuantPlan, KvSpec, SimSemantics,
 };
 
 #[derive(Debug, Args)]
@@ -71,18 +71,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         super::check_output_path(path, "--json")?;
     }
-    let cache = AssetCache::from_env();
-    let model = load_model(&args.model, &cache)
-        .with_context(|| format!("loading model `{}`", args.model))?;
-    let text =
-        load_text(&args.data, &cache).with_context(|| format!("loading text `{}`", args.data))?;
-    let config = model.config.clone();
-    let tokens = model
-        .tokenizer
-        .encode(&text, config.add_bos)
-        .context("tokenizing the text")?;
-    let decoder = Decoder::new(&config, &model.weights).context("building the decoder")?;
-    drop(model.weights);
+    let super::ModelAndTexts {
+        decoder,
+        config,
+        source,
+        tokens,
+    } = super::load_model_and_texts(&args.model, &[args.data.as_str()], |_| Ok(()))?;
+    let tokens = &tokens[0];
 
     let (kv_label, quant_plan) = match &args.plan {
         Some(path) => {
@@ -148,7 +143,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         residual: args.residual,
         semantics: args.kv_semantics,
     });
-    let report = evaluate(&decoder, &tokens, &options, quant, &mut |done, _| {
+    let report = evaluate(&decoder, tokens, &options, quant, &mut |done, _| {
         if let Some(b) = &bar {
             b.set_position(done as u64);
         }
@@ -165,7 +160,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let json = JsonReport {
             model: &args.model,
-            model_source: &model.source,
+            model_source: &source,
             data: &args.data,
             kv: if args.plan.is_some() {
                 "plan".into()

@@ -245,8 +245,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ),
     };
 
-    let decoder = Decoder::new(&config, &model.weights).context("building the decoder")?;
-    drop(model.weights);
+    let source = model.source.clone();
+    let (decoder, tokenizer) = super::build_decoder(model)?;
     eprintln!(
         "model {} ({:?}: {} layers, {} heads / {} KV heads × {}), KV cache {label}{}; prompt {} tokens, up to {} new \
          ({}); KV at {context} tokens: {} (f16: {})",
@@ -278,12 +278,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
         prefill_chunk: args.prefill_chunk,
-        stop_ids: stop_ids(&model.tokenizer, &config),
+        stop_ids: stop_ids(&tokenizer, &config),
     };
     let started = Instant::now();
     let (generation, text) = stream_to_stdout(
         &decoder,
-        &model.tokenizer,
+        &tokenizer,
         &prompt_ids,
         cache.as_kv_cache(),
         &options,
@@ -305,7 +305,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let report = GenerateReport {
         model: &args.model,
-        model_source: &model.source,
+        model_source: &source,
         kv: if args.plan.is_some() {
             "plan".into()
         } else {

@@ -17,7 +17,7 @@ use ratequant_llm::calibrate::available_memory;
 use ratequant_llm::eval::{chunk_tokens, percentile, score_chunk, NllStats, Protocol};
 use ratequant_llm::text::TextSpec;
 use ratequant_llm::{
-    load_model, load_text, AssetCache, Decoder, FpCache, KvCache, KvQuantPlan, SimQuantCache,
+    Decoder, FpCache, KvCache, KvQuantPlan, SimQuantCache,
 };
 
 use super::calibrate::{
@@ -446,23 +446,13 @@ pub fn run(args: SweepArgs) -> Result<()> {
             );
         }
     }
-    let cache = AssetCache::from_env();
-    let model = load_model(&args.model, &cache)
-        .with_context(|| format!("loading model `{}`", args.model))?;
-    super::calibrate::build_designs(&setup.specs, &model.config)?;
-    let config = model.config.clone();
-    let encode = |spec: &str| -> Result<Vec<u32>> {
-        let text = load_text(spec, &cache).with_context(|| format!("loading text `{spec}`"))?;
-        model
-            .tokenizer
-            .encode(&text, config.add_bos)
-            .with_context(|| format!("tokenizing `{spec}`"))
-    };
-    let calib_tokens = encode(&args.calib_data)?;
-    let eval_tokens = encode(&args.eval_data)?;
-    let decoder = Decoder::new(&config, &model.weights).context("building the decoder")?;
-    drop(model);
-    run_sweep(&decoder, &calib_tokens, &eval_tokens, &setup)
+    let loaded = super::load_model_and_texts(
+        &args.model,
+        &[args.calib_data.as_str(), args.eval_data.as_str()],
+        |config| super::calibrate::build_designs(&setup.specs, config).map(drop),
+    )?;
+    let (calib_tokens, eval_tokens) = (&loaded.tokens[0], &loaded.tokens[1]);
+    run_sweep(&loaded.decoder, calib_tokens, eval_tokens, &setup)
 }
 
 /// The sweep proper, on a loaded decoder and tokenized texts.
