@@ -45,19 +45,7 @@ fn stderr(o: &Output) -> String {
 
 /// GPT-2's byte-to-character table.
 fn byte_chars() -> Vec<char> {
-    let mut out = Vec::with_capacity(256);
-    let mut shifted = 0u32;
-    for b in 0u32..256 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        out.push(if printable {
-            char::from_u32(b).unwrap()
-        } else {
-            shifted += 1;
-            char::from_u32(255 + shifted).unwrap()
-        });
-    }
-    out
+    ratequant_llm::byte_level_chars().to_vec()
 }
 
 /// A byte-level BPE tokenizer: `<s>` (0) and `<|im_end|>` (1) special, bytes at 2..258.

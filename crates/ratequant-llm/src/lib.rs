@@ -35,4 +35,4 @@ pub use kv_sim::{KvQuantPlan, KvSpec, SimQuantCache, SimSemantics, UnitQuant};
 pub use loader::{load_model, LoadError, LoadedModel};
 pub use model::Weights;
 pub use text::load_text;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{byte_level_chars, Tokenizer};

@@ -632,23 +632,34 @@ fn build_byte_level_bpe(
     Ok(tok)
 }
 
-/// GPT-2's byte ↔ printable-character table, inverted: printable Latin-1 bytes stand for
-/// themselves, the others are shifted to U+0100 onwards in byte order.
-fn byte_level_decoder() -> HashMap<char, u8> {
-    let mut map = HashMap::with_capacity(256);
+/// GPT-2's byte → printable-character table of byte-level BPE vocabularies: printable Latin-1
+/// bytes stand for themselves, the others are shifted to U+0100 onwards in byte order. Public
+/// for tests that write byte-level vocabularies.
+pub fn byte_level_chars() -> [char; 256] {
+    let mut chars = ['\0'; 256];
     let mut shifted = 0u32;
-    for b in 0u32..256 {
+    for (b, c) in chars.iter_mut().enumerate() {
+        let b = b as u32;
         let printable =
             (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        let c = if printable {
+        let code = if printable {
             b
         } else {
             shifted += 1;
             255 + shifted
         };
-        map.insert(char::from_u32(c).expect("valid code point"), b as u8);
+        *c = char::from_u32(code).expect("valid code point");
     }
-    map
+    chars
+}
+
+/// [`byte_level_chars`] inverted.
+fn byte_level_decoder() -> HashMap<char, u8> {
+    byte_level_chars()
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
+        .collect()
 }
 
 fn parse_byte_token(text: &str) -> Option<u8> {
@@ -773,5 +784,36 @@ fn sentencepiece_merge(
             None => out.extend(piece.bytes().map(|b| byte_tokens[b as usize])),
         }
         at = s.next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pinned against GPT-2's published table, independently of how it is computed.
+    #[test]
+    fn byte_level_chars_match_gpt2() {
+        let chars = byte_level_chars();
+        for (byte, want) in [
+            (0x00u8, '\u{100}'),
+            (0x0A, '\u{10A}'),
+            (0x20, '\u{120}'), // 'Ġ', the space of every GPT-2 style vocabulary
+            (0x21, '!'),
+            (0x61, 'a'),
+            (0x7E, '~'),
+            (0x7F, '\u{121}'),
+            (0x80, '\u{122}'),
+            (0xA0, '\u{142}'),
+            (0xA1, '¡'),
+            (0xAD, '\u{143}'),
+            (0xAE, '®'),
+            (0xFF, 'ÿ'),
+        ] {
+            assert_eq!(chars[byte as usize], want, "byte {byte:#04x}");
+        }
+        let decoder = byte_level_decoder();
+        assert_eq!(decoder.len(), 256);
+        assert!(chars.iter().enumerate().all(|(b, c)| decoder[c] == b as u8));
     }
 }

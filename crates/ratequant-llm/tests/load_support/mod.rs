@@ -177,19 +177,7 @@ pub fn values(seed: u64, n: usize) -> Vec<f32> {
 
 /// GPT-2's byte-to-character table.
 pub fn byte_chars() -> Vec<char> {
-    let mut out = Vec::with_capacity(256);
-    let mut shifted = 0u32;
-    for b in 0u32..256 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        out.push(if printable {
-            char::from_u32(b).unwrap()
-        } else {
-            shifted += 1;
-            char::from_u32(255 + shifted).unwrap()
-        });
-    }
-    out
+    ratequant_llm::byte_level_chars().to_vec()
 }
 
 /// A tiny byte-level BPE vocabulary: `<|endoftext|>` (0) and `<|im_start|>` (1) as control
