@@ -228,6 +228,30 @@ pub(crate) fn min_max<const AVX2: bool>(x: &[f32]) -> (f32, f32, bool) {
     min_max_scalar(x)
 }
 
+/// Minimum and maximum of each run of `group` consecutive values of `x` (the last run may
+/// be shorter) into `lo` and `hi`, and whether every value is finite. With `AVX2`, whole
+/// runs of a multiple of 8 values share transposing reductions, eight runs at a time.
+#[inline(always)]
+pub(crate) fn group_ranges<const AVX2: bool>(
+    x: &[f32],
+    group: usize,
+    lo: &mut [f32],
+    hi: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && group.is_multiple_of(8) && x.len().is_multiple_of(group) {
+        // SAFETY: callers instantiate AVX2 = true only after detecting AVX2 at run time.
+        return unsafe { avx2::group_min_max(x, group, lo, hi) };
+    }
+    let mut finite = true;
+    for ((part, l), h) in x.chunks(group).zip(lo.iter_mut()).zip(hi.iter_mut()) {
+        let (min, max, ok) = min_max::<AVX2>(part);
+        (*l, *h) = (min, max);
+        finite &= ok;
+    }
+    finite
+}
+
 /// Portable [`min_max`] (the reference the AVX2 kernel is tested against).
 #[inline(always)]
 pub(crate) fn min_max_scalar(x: &[f32]) -> (f32, f32, bool) {
@@ -366,6 +390,87 @@ pub(crate) mod avx2 {
         (min, max, poisoned == 0.0)
     }
 
+    /// Minimum and maximum of each 8-lane vector in `v`, lane `i` of the results for `v[i]`:
+    /// a transposing reduction (three levels of unpack/shuffle/permute) that costs about as
+    /// much as one horizontal reduction for all eight.
+    #[target_feature(enable = "avx2")]
+    fn reduce8(v: [__m256; 8], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
+        // (written out: closures handed to `array::map` would not be inlined here)
+        // level 1: per 128-bit half, lanes 0/2 and 1/3 of vectors i and i + 1 combined
+        let pair = |i: usize| {
+            op(
+                _mm256_unpacklo_ps(v[i], v[i + 1]),
+                _mm256_unpackhi_ps(v[i], v[i + 1]),
+            )
+        };
+        let pairs = [pair(0), pair(2), pair(4), pair(6)];
+        // level 2: per 128-bit half, one lane for each of vectors i..i + 4
+        let quad = |i: usize| {
+            op(
+                _mm256_shuffle_ps::<0b01_00_01_00>(pairs[i], pairs[i + 1]),
+                _mm256_shuffle_ps::<0b11_10_11_10>(pairs[i], pairs[i + 1]),
+            )
+        };
+        let quads = [quad(0), quad(2)];
+        // level 3: the two halves of each
+        op(
+            _mm256_permute2f128_ps::<0x20>(quads[0], quads[1]),
+            _mm256_permute2f128_ps::<0x31>(quads[0], quads[1]),
+        )
+    }
+
+    /// Minimum and maximum of each run of `group` consecutive values of `x` (`group` a
+    /// multiple of 8, `x.len()` a multiple of `group`) into `lo` and `hi`, and whether every
+    /// value is finite; eight groups share one transposing reduction.
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn group_min_max(x: &[f32], group: usize, lo: &mut [f32], hi: &mut [f32]) -> bool {
+        debug_assert!(group.is_multiple_of(8) && x.len().is_multiple_of(group));
+        let n = x.len() / group;
+        let (lo, hi) = (&mut lo[..n], &mut hi[..n]);
+        let mut poison = _mm256_setzero_ps();
+        // partial extremes of one group, 8 lanes each
+        let mut partial = |g: &[f32]| {
+            let mut l = _mm256_set1_ps(f32::INFINITY);
+            let mut h = _mm256_set1_ps(f32::NEG_INFINITY);
+            for chunk in g.chunks_exact(8) {
+                // SAFETY: the chunk holds 8 floats.
+                let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+                l = _mm256_min_ps(v, l);
+                h = _mm256_max_ps(v, h);
+                // `v·0` is ±0 for finite v and NaN for ±inf/NaN; NaN is sticky under addition.
+                poison = _mm256_add_ps(poison, _mm256_mul_ps(v, _mm256_setzero_ps()));
+            }
+            (l, h)
+        };
+        let mut groups = x.chunks_exact(group);
+        let mut k = 0;
+        while k + 8 <= n {
+            let mut l = [_mm256_setzero_ps(); 8];
+            let mut h = [_mm256_setzero_ps(); 8];
+            for i in 0..8 {
+                (l[i], h[i]) = partial(groups.next().expect("8 more groups"));
+            }
+            let (l, h) = (
+                reduce8(l, |a, b| _mm256_min_ps(a, b)),
+                reduce8(h, |a, b| _mm256_max_ps(a, b)),
+            );
+            // SAFETY: `lo` and `hi` hold groups k..k + 8.
+            unsafe {
+                _mm256_storeu_ps(lo[k..k + 8].as_mut_ptr(), l);
+                _mm256_storeu_ps(hi[k..k + 8].as_mut_ptr(), h);
+            }
+            k += 8;
+        }
+        let mut finite = true;
+        for (g, (l, h)) in groups.zip(lo[k..].iter_mut().zip(&mut hi[k..])) {
+            let (min, max, ok) = min_max(g);
+            (*l, *h) = (min, max);
+            finite &= ok;
+        }
+        let (_, _, p) = reduce(poison, poison, poison);
+        finite && p == 0.0
+    }
+
     /// [`super::column_min_max`] of 16 channels: two vectors per row.
     #[target_feature(enable = "avx2")]
     pub(crate) fn column_min_max16(
@@ -445,13 +550,6 @@ impl RowGrids {
         self.inv_scale[start..end].fill(grid.inv_scale);
         self.lo[start..end].fill(lo);
         self.hi[start..end].fill(hi);
-    }
-
-    #[inline(always)]
-    pub fn set(&mut self, channel: usize, grid: Grid) {
-        self.zero[channel] = grid.zero;
-        self.scale[channel] = grid.scale;
-        self.inv_scale[channel] = grid.inv_scale;
     }
 }
 
@@ -659,6 +757,60 @@ mod tests {
                 x[len - 3] = f32::NAN;
                 // SAFETY: AVX2 detected above.
                 assert!(!unsafe { avx2::column_min_max16(&x, 16, 0) }.2);
+            }
+        }
+    }
+
+    /// The batched AVX2 group ranges against the portable range of each group: group sizes
+    /// that are and are not multiples of 8, group counts around the batches of 8, a short
+    /// last group, non-finite values in any batch or in the remainder.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_group_ranges_match_scalar() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut state = 777u64;
+        for group in [1usize, 5, 8, 16, 24, 32, 40, 128] {
+            for groups in [1usize, 7, 8, 9, 16, 17, 23] {
+                for short in [0usize, 3] {
+                    let len = groups * group - short.min(group - 1);
+                    let mut x: Vec<f32> = (0..len)
+                        .map(|i| {
+                            state = state
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            let v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 9.0;
+                            // constant stretches and signed zeros as well
+                            if i % 11 < 3 {
+                                0.0
+                            } else if i % 11 == 3 {
+                                -0.0
+                            } else {
+                                v
+                            }
+                        })
+                        .collect();
+                    let n = len.div_ceil(group);
+                    let (mut lo, mut hi) = (vec![0.0; n], vec![0.0; n]);
+                    assert!(group_ranges::<true>(&x, group, &mut lo, &mut hi));
+                    for (k, part) in x.chunks(group).enumerate() {
+                        let (min, max, ok) = min_max_scalar(part);
+                        assert!(ok);
+                        // equal as values: only the sign of a zero extreme may differ
+                        assert!(lo[k] == min && hi[k] == max, "group {group} #{k}");
+                    }
+                    for at in [0, len / 2, len - 1] {
+                        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                            let keep = x[at];
+                            x[at] = bad;
+                            let ok = group_ranges::<true>(&x, group, &mut lo, &mut hi);
+                            assert!(!ok, "group {group} len {len}: {bad} at {at} missed");
+                            x[at] = keep;
+                        }
+                    }
+                }
             }
         }
     }
