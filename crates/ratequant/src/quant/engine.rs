@@ -13,6 +13,8 @@
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::fused::avx2::Packer;
 use super::minmax::{self, clip_range, column_min_max, Grid, RowGrids};
 use super::{check_bits, EncodedTile, Kind, TileShape};
 use crate::hadamard::fwht_normalized_unchecked;
@@ -225,12 +227,30 @@ fn per_token_grids<const AVX2: bool>(
     src: &[f32],
     ga: &mut GroupArrays,
 ) -> Outcome {
+    let (finite, fits) = per_token_grids_at::<AVX2>(ctx, src, ga, 0);
+    if finite && fits {
+        Ok(())
+    } else {
+        Err(per_token_problem(ctx, first_token, src, ga, finite))
+    }
+}
+
+/// Ranges (QuaRot: clipped) and grids of the groups of the rows `src`, whose first group is
+/// group `k0` of the block; whether every value is finite and every grid fits f16 (with a
+/// non-finite value the grids are meaningless).
+#[inline(always)]
+fn per_token_grids_at<const AVX2: bool>(
+    ctx: &BlockCtx,
+    src: &[f32],
+    ga: &mut GroupArrays,
+    k0: usize,
+) -> (bool, bool) {
     let d = ctx.head_dim;
     let per_row = ctx.groups_per_row();
     let n = src.len() / d * per_row;
-    let (lo, hi) = (&mut ga.lo[..n], &mut ga.hi[..n]);
+    let (lo, hi) = (&mut ga.lo[k0..k0 + n], &mut ga.hi[k0..k0 + n]);
     let finite = if d.is_multiple_of(ctx.group) {
-        // whole groups tile the rows: the block is one run of equal groups
+        // whole groups tile the rows: the rows are one run of equal groups
         minmax::group_ranges::<AVX2>(src, ctx.group, lo, hi)
     } else {
         let mut finite = true;
@@ -242,22 +262,6 @@ fn per_token_grids<const AVX2: bool>(
         }
         finite
     };
-    if !finite {
-        if !ctx.rotate {
-            return Err(Problem::NonFinite);
-        }
-        // Rotated values of a finite row can only be non-finite through overflow.
-        let r = src
-            .chunks_exact(d)
-            .position(|row| row.iter().any(|v| !v.is_finite()))
-            .unwrap_or(0);
-        return Err(Problem::OutOfF16 {
-            token: first_token + r,
-            channel: 0,
-            lo: f32::NEG_INFINITY,
-            hi: f32::INFINITY,
-        });
-    }
     if let Some(ratio) = ctx.clip_ratio {
         for (l, h) in lo.iter_mut().zip(hi.iter_mut()) {
             (*l, *h) = clip_range(*l, *h, ratio);
@@ -267,20 +271,49 @@ fn per_token_grids<const AVX2: bool>(
         lo,
         hi,
         ctx.levels,
-        &mut ga.zero[..n],
-        &mut ga.scale[..n],
-        &mut ga.inv_scale[..n],
+        &mut ga.zero[k0..k0 + n],
+        &mut ga.scale[k0..k0 + n],
+        &mut ga.inv_scale[k0..k0 + n],
     );
-    if !fits {
-        let k = (0..n).find(|&k| !ga.grid(k).fits_f16()).unwrap_or(0);
-        return Err(Problem::OutOfF16 {
-            token: first_token + k / per_row,
-            channel: (k % per_row) * ctx.group,
-            lo: ga.lo[k],
-            hi: ga.hi[k],
-        });
+    (finite, fits)
+}
+
+/// What is wrong with a per-token block whose values are not all finite, or else whose
+/// grids do not all fit f16 (`ga` holding the block's grids).
+#[cold]
+fn per_token_problem(
+    ctx: &BlockCtx,
+    first_token: usize,
+    src: &[f32],
+    ga: &GroupArrays,
+    finite: bool,
+) -> Problem {
+    let d = ctx.head_dim;
+    let per_row = ctx.groups_per_row();
+    if !finite {
+        if !ctx.rotate {
+            return Problem::NonFinite;
+        }
+        // Rotated values of a finite row can only be non-finite through overflow.
+        let r = src
+            .chunks_exact(d)
+            .position(|row| row.iter().any(|v| !v.is_finite()))
+            .unwrap_or(0);
+        return Problem::OutOfF16 {
+            token: first_token + r,
+            channel: 0,
+            lo: f32::NEG_INFINITY,
+            hi: f32::INFINITY,
+        };
     }
-    Ok(())
+    let n = src.len() / d * per_row;
+    let k = (0..n).find(|&k| !ga.grid(k).fits_f16()).unwrap_or(0);
+    Problem::OutOfF16 {
+        token: first_token + k / per_row,
+        channel: (k % per_row) * ctx.group,
+        lo: ga.lo[k],
+        hi: ga.hi[k],
+    }
 }
 
 /// Spreads the grids of row `r`'s groups over the row's channels.
@@ -351,7 +384,20 @@ fn encode_per_token<const AVX2: bool>(
 ) -> Outcome {
     let src = per_token_source(ctx, x, &mut scratch.rotated)?;
     let (ga, grids) = (&mut scratch.groups, &mut scratch.row);
-    per_token_grids::<AVX2>(ctx, first_token, src, ga)?;
+    let mut fused = false;
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && ctx.head_dim.is_multiple_of(8) {
+        // SAFETY: AVX2 = true is only instantiated after detecting AVX2 at run time.
+        let (finite, fits) =
+            unsafe { encode_per_token_avx2(ctx, src, ga, grids, &scratch.run_group, packed) };
+        if !(finite && fits) {
+            return Err(per_token_problem(ctx, first_token, src, ga, finite));
+        }
+        fused = true;
+    }
+    if !fused {
+        per_token_grids::<AVX2>(ctx, first_token, src, ga)?;
+    }
     let n = scales.len();
     for (((s, z), &scale), &zero) in scales
         .iter_mut()
@@ -361,10 +407,7 @@ fn encode_per_token<const AVX2: bool>(
     {
         (*s, *z) = (minmax::f16_bits_exact(scale), minmax::f16_bits_exact(zero));
     }
-    #[cfg(target_arch = "x86_64")]
-    if AVX2 && ctx.head_dim.is_multiple_of(8) {
-        // SAFETY: AVX2 = true is only instantiated after detecting AVX2 at run time.
-        unsafe { code_pack_per_token_avx2(ctx, src, ga, grids, &scratch.run_group, packed) };
+    if fused {
         return Ok(());
     }
     let codes = &mut scratch.codes[..x.len()];
@@ -384,52 +427,86 @@ fn encode_per_token<const AVX2: bool>(
     Ok(())
 }
 
-/// Codes and packs per-token rows (head_dim a multiple of 8, so every row starts on a byte)
-/// with the fused kernel: each run of 8 channels lies in one group when the group size is a
-/// multiple of 8, and takes that group's grid by broadcast; otherwise the row's grids are
-/// spread over its channels first and loaded per element.
+/// Rows a step of the fused per-token encoder aims at, in values: its rows are read from
+/// memory for their ranges, then coded from L1 while the next step's rows are prefetched.
+const STEP_ELEMS: usize = 4096;
+
+/// Ranges, grids, codes and packed bytes of per-token rows (head_dim a multiple of 8, so that
+/// every row starts on a byte), a few rows at a time so that the coding pass reads from L1;
+/// returns whether every value is finite and every grid fits f16, as [`per_token_grids_at`].
+/// Each run of 8 channels lies in one group when the group size is a multiple of 8, and takes
+/// that group's grid by broadcast; otherwise each row's grids are spread over its channels
+/// first and loaded per element.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn code_pack_per_token_avx2(
+fn encode_per_token_avx2(
     ctx: &BlockCtx,
     src: &[f32],
-    ga: &GroupArrays,
+    ga: &mut GroupArrays,
     grids: &mut RowGrids,
     run_group: &[usize],
     packed: &mut [u8],
-) {
+) -> (bool, bool) {
     use super::fused::avx2::{code_pack_rows, Grid8};
     let (d, bits, levels) = (ctx.head_dim, ctx.bits, ctx.levels);
     let per_row = ctx.groups_per_row();
     let clamp = ctx.clip_ratio.is_some();
-    if ctx.group.is_multiple_of(8) {
-        let grid = |r: usize, q: usize| {
-            let k = r * per_row + run_group[q];
-            Grid8::splat(ga.zero[k], ga.inv_scale[k], ga.lo[k], ga.hi[k])
-        };
-        if clamp {
-            code_pack_rows::<true>(src, d, bits, levels, grid, packed);
-        } else {
-            code_pack_rows::<false>(src, d, bits, levels, grid, packed);
-        }
-        return;
-    }
+    let packer = Packer::new(bits);
+    let step_rows = (STEP_ELEMS / d).max(1);
+    let step = step_rows * d;
     let row_bytes = d * bits as usize / 8;
-    for (r, (row, out)) in src
-        .chunks_exact(d)
-        .zip(packed.chunks_exact_mut(row_bytes))
+    let (mut finite, mut fits) = (true, true);
+    for (i, (rows, out)) in src
+        .chunks(step)
+        .zip(packed.chunks_mut(step_rows * row_bytes))
         .enumerate()
     {
-        fill_row_grids(ctx, ga, r, grids);
-        let g: &RowGrids = grids;
-        if clamp {
-            let grid = |_, q| Grid8::load(&g.zero, &g.inv_scale, Some((&g.lo, &g.hi)), 8 * q);
-            code_pack_rows::<true>(row, d, bits, levels, grid, out);
-        } else {
-            let grid = |_, q| Grid8::load(&g.zero, &g.inv_scale, None, 8 * q);
-            code_pack_rows::<false>(row, d, bits, levels, grid, out);
+        let (r0, k0) = (i * step_rows, i * step_rows * per_row);
+        let (ok, fit) = per_token_grids_at::<true>(ctx, rows, ga, k0);
+        (finite, fits) = (finite & ok, fits & fit);
+        let ahead = src.get((i + 1) * step..).unwrap_or(&[]);
+        let ga: &GroupArrays = ga;
+        if ctx.group.is_multiple_of(8) {
+            let grid = |r: usize, q: usize| {
+                let k = k0 + r * per_row + run_group[q];
+                Grid8::splat(ga.zero[k], ga.inv_scale[k], ga.lo[k], ga.hi[k])
+            };
+            // runs of 32 lie in one group when groups of a multiple of 32 tile the rows
+            let run32 = ctx.group.is_multiple_of(32) && d.is_multiple_of(ctx.group);
+            match (clamp, run32) {
+                (false, false) => {
+                    code_pack_rows::<false, false>(&packer, rows, d, levels, grid, ahead, out)
+                }
+                (false, true) => {
+                    code_pack_rows::<false, true>(&packer, rows, d, levels, grid, ahead, out)
+                }
+                (true, false) => {
+                    code_pack_rows::<true, false>(&packer, rows, d, levels, grid, ahead, out)
+                }
+                (true, true) => {
+                    code_pack_rows::<true, true>(&packer, rows, d, levels, grid, ahead, out)
+                }
+            }
+            continue;
+        }
+        for (r, (row, row_out)) in rows
+            .chunks_exact(d)
+            .zip(out.chunks_exact_mut(row_bytes))
+            .enumerate()
+        {
+            fill_row_grids(ctx, ga, r0 + r, grids);
+            let g: &RowGrids = grids;
+            let ahead = ahead.get(r * d..).unwrap_or(&[]);
+            if clamp {
+                let grid = |_, q| Grid8::load(&g.zero, &g.inv_scale, Some((&g.lo, &g.hi)), 8 * q);
+                code_pack_rows::<true, false>(&packer, row, d, levels, grid, ahead, row_out);
+            } else {
+                let grid = |_, q| Grid8::load(&g.zero, &g.inv_scale, None, 8 * q);
+                code_pack_rows::<false, false>(&packer, row, d, levels, grid, ahead, row_out);
+            }
         }
     }
+    (finite, fits)
 }
 
 #[inline(always)]
@@ -578,6 +655,9 @@ fn encode_per_channel<const AVX2: bool>(
     let d = ctx.head_dim;
     // Fused AVX2 coding needs every token group to start on a byte of `packed`.
     let fused = cfg!(target_arch = "x86_64") && AVX2 && d.is_multiple_of(8);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 = true is only instantiated after detecting AVX2 at run time.
+    let packer = fused.then(|| unsafe { Packer::new(ctx.bits) });
     let codes = &mut scratch.codes[..x.len()];
     let grids = &mut scratch.row;
     let span = ctx.group * d;
@@ -593,11 +673,12 @@ fn encode_per_channel<const AVX2: bool>(
             group_zeros[c] = minmax::f16_bits_exact(grids.zero[c]);
         }
         #[cfg(target_arch = "x86_64")]
-        if fused {
+        if let Some(packer) = &packer {
             let start = j * span_bytes;
             let out = &mut packed[start..start + xs.len() * ctx.bits as usize / 8];
+            let ahead = x.get((j + 1) * span..).unwrap_or(&[]);
             // SAFETY: AVX2 = true is only instantiated after detecting AVX2 at run time.
-            unsafe { code_pack_per_channel_avx2(ctx, xs, grids, out) };
+            unsafe { code_pack_per_channel_avx2(ctx, packer, xs, grids, ahead, out) };
             continue;
         }
         let cs = &mut codes[j * span..j * span + xs.len()];
@@ -612,13 +693,21 @@ fn encode_per_channel<const AVX2: bool>(
 }
 
 /// Codes and packs the rows of one token group with the fused kernel, each run of 8
-/// channels loading its 8 channels' grids.
+/// channels loading its 8 channels' grids, while the next token group (`ahead`) is
+/// prefetched for its ranges.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn code_pack_per_channel_avx2(ctx: &BlockCtx, xs: &[f32], grids: &RowGrids, out: &mut [u8]) {
+fn code_pack_per_channel_avx2(
+    ctx: &BlockCtx,
+    packer: &Packer,
+    xs: &[f32],
+    grids: &RowGrids,
+    ahead: &[f32],
+    out: &mut [u8],
+) {
     use super::fused::avx2::{code_pack_rows, Grid8};
     let grid = |_, q| Grid8::load(&grids.zero, &grids.inv_scale, None, 8 * q);
-    code_pack_rows::<false>(xs, ctx.head_dim, ctx.bits, ctx.levels, grid, out);
+    code_pack_rows::<false, false>(packer, xs, ctx.head_dim, ctx.levels, grid, ahead, out);
 }
 
 #[inline(always)]

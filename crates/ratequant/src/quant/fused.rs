@@ -97,7 +97,7 @@ pub(crate) mod avx2 {
     /// by a multiply-add of bytes (`c0 + c1·2^b`), pairs of pairs by a multiply-add of 16-bit
     /// lanes, and the two 32-bit halves by a shift; a shuffle then gathers each 128-bit
     /// half's `2·bits` bytes to its bottom.
-    struct Packer {
+    pub(crate) struct Packer {
         bits: usize,
         /// Byte weights `1, 2^b` (unsigned operand; the codes, < 2^7 below 8 bits, are the
         /// signed one).
@@ -114,7 +114,7 @@ pub(crate) mod avx2 {
     impl Packer {
         #[target_feature(enable = "avx2")]
         #[inline]
-        fn new(bits: u8) -> Packer {
+        pub(crate) fn new(bits: u8) -> Packer {
             let b = bits as usize;
             let mut gather = [-1i8; 32];
             for half in 0..2 {
@@ -182,37 +182,53 @@ pub(crate) mod avx2 {
     }
 
     /// Codes of the rows of `src` (each `head_dim` values, `head_dim` a multiple of 8),
-    /// packed LSB-first at `bits` bits into `out` (exactly `src.len()·bits/8` bytes).
-    /// `grid(r, q)` gives the grids of elements `8q..8q + 8` of row `r`.
+    /// packed LSB-first at the packer's width into `out` (exactly `src.len()·bits/8` bytes).
+    /// `grid(r, q)` gives the grids of elements `8q..8q + 8` of row `r`; with `RUN32` it is
+    /// the same for the four runs of 8 of each run of 32 (`q = 4k..4k + 4`) and is asked for
+    /// once per run of 32. While coding value
+    /// `i` the cache lines of `ahead[i..i + 32]` are prefetched (the caller's next rows, read
+    /// next for their ranges), for as far as `ahead` goes.
     #[target_feature(enable = "avx2")]
     #[inline]
-    pub(crate) fn code_pack_rows<const CLAMP: bool>(
+    pub(crate) fn code_pack_rows<const CLAMP: bool, const RUN32: bool>(
+        packer: &Packer,
         src: &[f32],
         head_dim: usize,
-        bits: u8,
         levels: f32,
         grid: impl Fn(usize, usize) -> Grid8,
+        ahead: &[f32],
         out: &mut [u8],
     ) {
         debug_assert!(head_dim.is_multiple_of(8) && src.len().is_multiple_of(head_dim));
-        debug_assert_eq!(out.len(), src.len() * bits as usize / 8);
-        let packer = Packer::new(bits);
+        let bits = packer.bits;
+        debug_assert_eq!(out.len(), src.len() * bits / 8);
         let levels = _mm256_set1_ps(levels);
-        let row_bytes = head_dim * bits as usize / 8;
+        let row_bytes = head_dim * bits / 8;
         for (r, row) in src.chunks_exact(head_dim).enumerate() {
             let mut at = r * row_bytes;
             let mut runs = row.chunks_exact(32);
             for (k, run) in (&mut runs).enumerate() {
+                if let Some(next) = ahead.get(r * head_dim + 32 * k..r * head_dim + 32 * k + 32) {
+                    // two cache lines of 16 values (a line-aligned run spans exactly these)
+                    _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().cast());
+                    _mm_prefetch::<_MM_HINT_T0>(next[16..].as_ptr().cast());
+                }
                 // written out rather than mapped over 0..4: closures there are not inlined
                 let q = 4 * k;
+                let g0 = grid(r, q);
+                let (g1, g2, g3) = if RUN32 {
+                    (g0, g0, g0)
+                } else {
+                    (grid(r, q + 1), grid(r, q + 2), grid(r, q + 3))
+                };
                 let c = [
-                    codes8::<CLAMP>(load8(run, 0), &grid(r, q), levels),
-                    codes8::<CLAMP>(load8(run, 1), &grid(r, q + 1), levels),
-                    codes8::<CLAMP>(load8(run, 2), &grid(r, q + 2), levels),
-                    codes8::<CLAMP>(load8(run, 3), &grid(r, q + 3), levels),
+                    codes8::<CLAMP>(load8(run, 0), &g0, levels),
+                    codes8::<CLAMP>(load8(run, 1), &g1, levels),
+                    codes8::<CLAMP>(load8(run, 2), &g2, levels),
+                    codes8::<CLAMP>(load8(run, 3), &g3, levels),
                 ];
-                packer.store(c, out, at, 4 * bits as usize);
-                at += 4 * bits as usize;
+                packer.store(c, out, at, 4 * bits);
+                at += 4 * bits;
             }
             // a row's last 8, 16 or 24 values: padded with zero codes, whose bytes the next
             // row (or the exact-length store at the end of `out`) leaves out
@@ -223,7 +239,7 @@ pub(crate) mod avx2 {
                 for (j, cj) in c.iter_mut().enumerate().take(tail.len() / 8) {
                     *cj = codes8::<CLAMP>(load8(tail, j), &grid(r, q0 + j), levels);
                 }
-                packer.store(c, out, at, tail.len() * bits as usize / 8);
+                packer.store(c, out, at, tail.len() * bits / 8);
             }
         }
     }
@@ -231,7 +247,7 @@ pub(crate) mod avx2 {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::avx2::{code_pack_rows, Grid8};
+    use super::avx2::{code_pack_rows, Grid8, Packer};
     use crate::pack::pack_reference;
     use crate::quant::minmax::{self, Grid, RowGrids};
 
@@ -271,7 +287,19 @@ mod tests {
                         };
                         grids.push((Grid::covering(lo, hi, levels), lo, hi));
                     }
-                    for clamp in [false, true] {
+                    // with `run32`, each run of 32 takes the grid of its first 8
+                    let runs32: &[bool] = if head_dim % 32 == 0 {
+                        &[false, true]
+                    } else {
+                        &[false]
+                    };
+                    for (clamp, &run32) in [false, true]
+                        .into_iter()
+                        .flat_map(|c| runs32.iter().map(move |r| (c, r)))
+                    {
+                        let at = |r: usize, q: usize| {
+                            grids[r * head_dim / 8 + if run32 { q / 4 * 4 } else { q }]
+                        };
                         let mut codes = vec![0u8; n];
                         let mut row = RowGrids::new(head_dim);
                         for (r, (s, c)) in src
@@ -280,7 +308,7 @@ mod tests {
                             .enumerate()
                         {
                             for q in 0..head_dim / 8 {
-                                let (g, lo, hi) = grids[r * head_dim / 8 + q];
+                                let (g, lo, hi) = at(r, q);
                                 row.fill(8 * q, 8 * q + 8, g, lo, hi);
                             }
                             if clamp {
@@ -291,26 +319,34 @@ mod tests {
                         }
                         let want = pack_reference(&codes, bits);
                         let grid = |r: usize, q: usize| {
-                            let (g, lo, hi) = grids[r * head_dim / 8 + q];
+                            let (g, lo, hi) = at(r, q);
                             // SAFETY: AVX2 detected above.
                             unsafe { Grid8::splat(g.zero, g.inv_scale, lo, hi) }
                         };
                         let mut out = vec![0xA5u8; want.len()];
                         // SAFETY: AVX2 detected above.
+                        let packer = unsafe { Packer::new(bits) };
+                        let (ahead, out_) = (&src[8..], &mut out);
+                        // SAFETY: AVX2 detected above.
                         unsafe {
-                            if clamp {
-                                code_pack_rows::<true>(
-                                    &src, head_dim, bits, levels, grid, &mut out,
-                                );
-                            } else {
-                                code_pack_rows::<false>(
-                                    &src, head_dim, bits, levels, grid, &mut out,
-                                );
+                            match (clamp, run32) {
+                                (false, false) => code_pack_rows::<false, false>(
+                                    &packer, &src, head_dim, levels, grid, ahead, out_,
+                                ),
+                                (false, true) => code_pack_rows::<false, true>(
+                                    &packer, &src, head_dim, levels, grid, ahead, out_,
+                                ),
+                                (true, false) => code_pack_rows::<true, false>(
+                                    &packer, &src, head_dim, levels, grid, ahead, out_,
+                                ),
+                                (true, true) => code_pack_rows::<true, true>(
+                                    &packer, &src, head_dim, levels, grid, ahead, out_,
+                                ),
                             }
                         }
                         assert_eq!(
                             out, want,
-                            "bits {bits} head_dim {head_dim} rows {rows} clamp {clamp}"
+                            "bits {bits} head_dim {head_dim} rows {rows} clamp {clamp} run32 {run32}"
                         );
                     }
                 }

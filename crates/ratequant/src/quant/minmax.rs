@@ -68,7 +68,9 @@ pub(crate) fn f16_bits_exact(v: f32) -> u16 {
     let sign = ((bits >> 16) & 0x8000) as u16;
     let magnitude = v.abs();
     let normal = ((bits & 0x7FFF_FFFF) >> 13).wrapping_sub((127 - 15) << 10) as u16;
-    let subnormal = (magnitude * TWO_POW_24) as u16;
+    // `magnitude·2^24` is an integer below 2^10 here; read it from the mantissa after the
+    // rounding offset rather than by a float-to-int cast, so that loops of this vectorise
+    let subnormal = (magnitude * TWO_POW_24 + ROUND_MAGIC).to_bits() as u16;
     sign | if magnitude < F16_MIN_NORMAL {
         subnormal
     } else {
