@@ -429,19 +429,36 @@ pub(crate) mod avx2 {
         debug_assert!(group.is_multiple_of(8) && x.len().is_multiple_of(group));
         let n = x.len() / group;
         let (lo, hi) = (&mut lo[..n], &mut hi[..n]);
-        let mut poison = _mm256_setzero_ps();
+        // Finiteness from a sum of the values: finite values keep it finite unless it
+        // overflows, a NaN or infinity makes it non-finite; only then are the values checked
+        // one by one. (Two partial sums per group halve its chain of dependent additions.)
+        let mut sum = _mm256_setzero_ps();
         // partial extremes of one group, 8 lanes each
         let mut partial = |g: &[f32]| {
             let mut l = _mm256_set1_ps(f32::INFINITY);
             let mut h = _mm256_set1_ps(f32::NEG_INFINITY);
-            for chunk in g.chunks_exact(8) {
+            let mut s = [_mm256_setzero_ps(); 2];
+            let mut pairs = g.chunks_exact(16);
+            for pair in &mut pairs {
+                // SAFETY: the pair holds 16 floats.
+                let (v0, v1) = unsafe {
+                    (
+                        _mm256_loadu_ps(pair.as_ptr()),
+                        _mm256_loadu_ps(pair.as_ptr().add(8)),
+                    )
+                };
+                l = _mm256_min_ps(v0, _mm256_min_ps(v1, l));
+                h = _mm256_max_ps(v0, _mm256_max_ps(v1, h));
+                s = [_mm256_add_ps(s[0], v0), _mm256_add_ps(s[1], v1)];
+            }
+            if let Some(chunk) = pairs.remainder().get(..8) {
                 // SAFETY: the chunk holds 8 floats.
                 let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
                 l = _mm256_min_ps(v, l);
                 h = _mm256_max_ps(v, h);
-                // `v·0` is ±0 for finite v and NaN for ±inf/NaN; NaN is sticky under addition.
-                poison = _mm256_add_ps(poison, _mm256_mul_ps(v, _mm256_setzero_ps()));
+                s[0] = _mm256_add_ps(s[0], v);
             }
+            sum = _mm256_add_ps(sum, _mm256_add_ps(s[0], s[1]));
             (l, h)
         };
         let mut groups = x.chunks_exact(group);
@@ -469,8 +486,8 @@ pub(crate) mod avx2 {
             (*l, *h) = (min, max);
             finite &= ok;
         }
-        let (_, _, p) = reduce(poison, poison, poison);
-        finite && p == 0.0
+        let (_, _, total) = reduce(sum, sum, sum);
+        finite && (total.is_finite() || x.iter().all(|v| v.is_finite()))
     }
 
     /// [`super::column_min_max`] of 16 channels: two vectors per row.
@@ -482,29 +499,48 @@ pub(crate) mod avx2 {
     ) -> ([f32; 16], [f32; 16], bool) {
         let mut lo = [_mm256_set1_ps(f32::INFINITY); 2];
         let mut hi = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
-        let mut poison = [_mm256_setzero_ps(); 2];
-        for row in xs.chunks_exact(head_dim) {
+        // Finiteness from sums of the values, as in `group_min_max`; even and odd rows sum
+        // apart, halving the chains of dependent additions.
+        let mut sum = [_mm256_setzero_ps(); 4];
+        let mut step = |row: &[f32], sum: &mut [__m256]| {
             let v = &row[c0..c0 + 16];
             for h in 0..2 {
                 // SAFETY: `v` holds 16 floats.
                 let v = unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * h)) };
                 lo[h] = _mm256_min_ps(v, lo[h]);
                 hi[h] = _mm256_max_ps(v, hi[h]);
-                poison[h] = _mm256_add_ps(poison[h], _mm256_mul_ps(v, _mm256_setzero_ps()));
+                sum[h] = _mm256_add_ps(sum[h], v);
             }
+        };
+        let mut pairs = xs.chunks_exact(2 * head_dim);
+        for pair in &mut pairs {
+            let (even, odd) = pair.split_at(head_dim);
+            let (sum_even, sum_odd) = sum.split_at_mut(2);
+            step(even, sum_even);
+            step(odd, sum_odd);
+        }
+        if let Some(row) = pairs.remainder().get(..head_dim) {
+            step(row, &mut sum[..2]);
         }
         let mut lo_out = [0.0f32; 16];
         let mut hi_out = [0.0f32; 16];
-        let mut poison_out = [0.0f32; 16];
+        let mut sum_out = [0.0f32; 16];
         for h in 0..2 {
             // SAFETY: each destination half holds 8 floats.
             unsafe {
                 _mm256_storeu_ps(lo_out.as_mut_ptr().add(8 * h), lo[h]);
                 _mm256_storeu_ps(hi_out.as_mut_ptr().add(8 * h), hi[h]);
-                _mm256_storeu_ps(poison_out.as_mut_ptr().add(8 * h), poison[h]);
+                _mm256_storeu_ps(
+                    sum_out.as_mut_ptr().add(8 * h),
+                    _mm256_add_ps(sum[h], sum[2 + h]),
+                );
             }
         }
-        (lo_out, hi_out, poison_out.iter().all(|&p| p == 0.0))
+        let finite = sum_out.iter().all(|s| s.is_finite())
+            || xs
+                .chunks_exact(head_dim)
+                .all(|row| row[c0..c0 + 16].iter().all(|v| v.is_finite()));
+        (lo_out, hi_out, finite)
     }
 }
 
@@ -815,5 +851,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 range kernels read finiteness from sums of the values: finite values whose
+    /// sums overflow are still finite, and a non-finite value among them is still found.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_ranges_finite_despite_overflowing_sums() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut x: Vec<f32> = (0..64 * 16)
+            .map(|i| f32::MAX * if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let (mut lo, mut hi) = ([0.0; 64], [0.0; 64]);
+        assert!(group_ranges::<true>(&x, 16, &mut lo, &mut hi));
+        assert_eq!((lo[5], hi[5]), (-f32::MAX, f32::MAX));
+        // SAFETY: AVX2 detected above.
+        let (clo, chi, ok) = unsafe { avx2::column_min_max16(&x, 16, 0) };
+        assert!(ok);
+        assert_eq!((clo, chi, ok), column_min_max_scalar::<16>(&x, 16, 0));
+        x[700] = f32::NAN;
+        assert!(!group_ranges::<true>(&x, 16, &mut lo, &mut hi));
+        // SAFETY: AVX2 detected above.
+        assert!(!unsafe { avx2::column_min_max16(&x, 16, 0) }.2);
     }
 }
