@@ -152,7 +152,7 @@ impl BlockCtx {
 
 /// Per-worker buffers, sized for one block.
 struct Scratch {
-    /// Unpacked codes of the block.
+    /// Unpacked codes of the block; grown on first use (the fused AVX2 encoders need none).
     codes: Vec<u8>,
     /// The block's rotated token vectors (QuaRot).
     rotated: Vec<f32>,
@@ -163,6 +163,14 @@ struct Scratch {
     /// Per-token groups: the group (within its row) of each run of 8 channels, for the
     /// fused AVX2 encoder when the group size is a multiple of 8.
     run_group: Vec<usize>,
+}
+
+/// The first `n` bytes of `buf`, grown with zeros to that length if shorter.
+fn grown(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    &mut buf[..n]
 }
 
 /// Range and grid of every per-token group of a block, structure-of-arrays so that the grids
@@ -410,7 +418,7 @@ fn encode_per_token<const AVX2: bool>(
     if fused {
         return Ok(());
     }
-    let codes = &mut scratch.codes[..x.len()];
+    let codes = grown(&mut scratch.codes, x.len());
     for (r, (row, row_codes)) in src
         .chunks_exact(ctx.head_dim)
         .zip(codes.chunks_exact_mut(ctx.head_dim))
@@ -518,7 +526,7 @@ fn decode_per_token(
     out: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let codes = &mut scratch.codes[..out.len()];
+    let codes = grown(&mut scratch.codes, out.len());
     unpack_unchecked(packed, ctx.bits, codes);
     let n = scales.len();
     let (ga, grids) = (&mut scratch.groups, &mut scratch.row);
@@ -658,7 +666,7 @@ fn encode_per_channel<const AVX2: bool>(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2 = true is only instantiated after detecting AVX2 at run time.
     let packer = fused.then(|| unsafe { Packer::new(ctx.bits) });
-    let codes = &mut scratch.codes[..x.len()];
+    let codes = grown(&mut scratch.codes, if fused { 0 } else { x.len() });
     let grids = &mut scratch.row;
     let span = ctx.group * d;
     let span_bytes = span * ctx.bits as usize / 8;
@@ -720,7 +728,7 @@ fn decode_per_channel(
     scratch: &mut Scratch,
 ) {
     let d = ctx.head_dim;
-    let codes = &mut scratch.codes[..out.len()];
+    let codes = grown(&mut scratch.codes, out.len());
     unpack_unchecked(packed, ctx.bits, codes);
     let grids = &mut scratch.row;
     for (j, (os, cs)) in out
@@ -880,16 +888,10 @@ impl Scheme {
         }
     }
 
-    /// Buffers one worker needs for blocks of `rows` rows: codes for encode/decode, a rotated
-    /// copy for QuaRot, group arrays for per-token grouping.
-    fn scratch_maker(
-        &self,
-        shape: TileShape,
-        rows: usize,
-        codes: bool,
-    ) -> impl Fn() -> Scratch + Sync + Send {
+    /// Buffers one worker needs for blocks of `rows` rows: a rotated copy for QuaRot, group
+    /// arrays for per-token grouping (codes for encode/decode are allocated on first use).
+    fn scratch_maker(&self, shape: TileShape, rows: usize) -> impl Fn() -> Scratch + Sync + Send {
         let block = rows * shape.head_dim;
-        let code_len = if codes { block } else { 0 };
         let rotated_len = if self.rotate { block } else { 0 };
         let group_len = if self.groups == Groups::PerToken {
             self.groups_in_rows(rows, shape.head_dim)
@@ -899,7 +901,7 @@ impl Scheme {
         let head_dim = shape.head_dim;
         let group = self.group;
         move || Scratch {
-            codes: vec![0; code_len],
+            codes: Vec::new(),
             rotated: vec![0.0; rotated_len],
             groups: GroupArrays::new(group_len),
             row: RowGrids::new(head_dim),
@@ -939,7 +941,7 @@ impl Scheme {
         run_blocks(
             tasks,
             x.len() >= PARALLEL_MIN_ELEMS,
-            self.scratch_maker(shape, rows, false),
+            self.scratch_maker(shape, rows),
             |scratch, (b, (xb, ob))| {
                 fake_block_isa(isa, &ctx, self.groups, b * rows, xb, ob, scratch)
             },
@@ -980,7 +982,7 @@ impl Scheme {
         run_blocks(
             tasks,
             x.len() >= PARALLEL_MIN_ELEMS,
-            self.scratch_maker(shape, rows, true),
+            self.scratch_maker(shape, rows),
             |scratch, (b, (((xb, cb), sb), zb))| {
                 encode_block_isa(isa, &ctx, self.groups, b * rows, xb, cb, sb, zb, scratch)
             },
@@ -1021,7 +1023,7 @@ impl Scheme {
         run_blocks(
             tasks,
             parallel,
-            self.scratch_maker(shape, rows, true),
+            self.scratch_maker(shape, rows),
             |scratch, (((cb, sb), zb), ob)| {
                 decode_block_isa(isa, &ctx, self.groups, cb, sb, zb, ob, scratch);
                 Ok(())
