@@ -6,9 +6,11 @@
 //! of the packed codes and (for per-channel groups) on a token group; blocks run in parallel
 //! on rayon for large tiles. Each block kernel is compiled twice from the same source
 //! ([`Isa`]): for the build target, and with AVX2 enabled (chosen at run time), where it also
-//! calls the hand-written AVX2 range kernels of `minmax::avx2`; the arithmetic is identical
-//! in both (tests compare them bit for bit). There is no AVX-512 variant: the development
-//! machine has no AVX-512 to test one on.
+//! calls the hand-written AVX2 range kernels of `minmax::avx2` and, when head_dim is a
+//! multiple of 8, encodes with the fused quantize-and-pack kernel of `fused::avx2` instead of
+//! coding into bytes and packing them; the results are identical in both (tests compare them
+//! bit for bit). There is no AVX-512 variant: the development machine has no AVX-512 to test
+//! one on.
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;

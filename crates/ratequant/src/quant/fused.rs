@@ -2,11 +2,11 @@
 //! registers and packed straight into the output bytes, with no intermediate buffer of
 //! one-byte codes and no second pass over it.
 //!
-//! The arithmetic is that of `minmax::code` (subtract, multiply, clamp, add the rounding
-//! constant; no FMA), with the min/max operands ordered so that every comparison, NaN and
-//! signed zero included, picks what the scalar `if` picks; the bit layout is that of
-//! `pack::pack`. The portable path (code a row into bytes, then pack) is the reference the
-//! tests compare these kernels against.
+//! The arithmetic is that of `minmax::code` (subtract, multiply, clamp, round to nearest with
+//! ties to even; no FMA), with the min/max operands ordered so that every comparison, NaN
+//! and signed zero included, picks what the scalar `if` picks (see `avx2::codes8` for the
+//! rounding); the bit layout is that of `pack::pack`. The portable path (code a row into
+//! bytes, then pack) is the reference the tests compare these kernels against.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
