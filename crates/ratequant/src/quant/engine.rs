@@ -6,14 +6,18 @@
 //! of the packed codes and (for per-channel groups) on a token group; blocks run in parallel
 //! on rayon for large tiles. Each block kernel is compiled twice from the same source
 //! ([`Isa`]): for the build target, and with AVX2 enabled (chosen at run time), where it also
-//! calls the hand-written AVX2 range kernels of `minmax::avx2`; the arithmetic is identical
-//! in both (tests compare them bit for bit). There is no AVX-512 variant: the development
-//! machine has no AVX-512 to test one on.
+//! calls the hand-written AVX2 range kernels of `minmax::avx2` and, when head_dim is a
+//! multiple of 8, encodes with the fused quantize-and-pack kernel of `fused::avx2` instead of
+//! coding into bytes and packing them; the results are identical in both (tests compare them
+//! bit for bit). There is no AVX-512 variant: the development machine has no AVX-512 to test
+//! one on.
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::minmax::{self, clip_range, column_min_max, min_max, Grid, RowGrids};
+#[cfg(target_arch = "x86_64")]
+use super::fused::avx2::Packer;
+use super::minmax::{self, clip_range, column_min_max, Grid, RowGrids};
 use super::{check_bits, EncodedTile, Kind, TileShape};
 use crate::hadamard::fwht_normalized_unchecked;
 use crate::pack::{pack_unchecked, packed_len, unpack_unchecked};
@@ -150,7 +154,7 @@ impl BlockCtx {
 
 /// Per-worker buffers, sized for one block.
 struct Scratch {
-    /// Unpacked codes of the block.
+    /// Unpacked codes of the block; grown on first use (the fused AVX2 encoders need none).
     codes: Vec<u8>,
     /// The block's rotated token vectors (QuaRot).
     rotated: Vec<f32>,
@@ -158,6 +162,17 @@ struct Scratch {
     groups: GroupArrays,
     /// Grids of the row being processed, one per channel.
     row: RowGrids,
+    /// Per-token groups: the group (within its row) of each run of 8 channels, for the
+    /// fused AVX2 encoder when the group size is a multiple of 8.
+    run_group: Vec<usize>,
+}
+
+/// The first `n` bytes of `buf`, grown with zeros to that length if shorter.
+fn grown(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    &mut buf[..n]
 }
 
 /// Range and grid of every per-token group of a block, structure-of-arrays so that the grids
@@ -222,41 +237,41 @@ fn per_token_grids<const AVX2: bool>(
     src: &[f32],
     ga: &mut GroupArrays,
 ) -> Outcome {
+    let (finite, fits) = per_token_grids_at::<AVX2>(ctx, src, ga, 0);
+    if finite && fits {
+        Ok(())
+    } else {
+        Err(per_token_problem(ctx, first_token, src, ga, finite))
+    }
+}
+
+/// Ranges (QuaRot: clipped) and grids of the groups of the rows `src`, whose first group is
+/// group `k0` of the block; whether every value is finite and every grid fits f16 (with a
+/// non-finite value the grids are meaningless).
+#[inline(always)]
+fn per_token_grids_at<const AVX2: bool>(
+    ctx: &BlockCtx,
+    src: &[f32],
+    ga: &mut GroupArrays,
+    k0: usize,
+) -> (bool, bool) {
     let d = ctx.head_dim;
     let per_row = ctx.groups_per_row();
     let n = src.len() / d * per_row;
-    let (lo, hi) = (&mut ga.lo[..n], &mut ga.hi[..n]);
-    let mut finite = true;
-    for (row, (row_lo, row_hi)) in src.chunks_exact(d).zip(
-        lo.chunks_exact_mut(per_row)
-            .zip(hi.chunks_exact_mut(per_row)),
-    ) {
-        for ((part, l), h) in row
-            .chunks(ctx.group)
-            .zip(row_lo.iter_mut())
-            .zip(row_hi.iter_mut())
-        {
-            let (min, max, ok) = min_max::<AVX2>(part);
-            (*l, *h) = (min, max);
-            finite &= ok;
+    let (lo, hi) = (&mut ga.lo[k0..k0 + n], &mut ga.hi[k0..k0 + n]);
+    let finite = if d.is_multiple_of(ctx.group) {
+        // whole groups tile the rows: the rows are one run of equal groups
+        minmax::group_ranges::<AVX2>(src, ctx.group, lo, hi)
+    } else {
+        let mut finite = true;
+        for (row, (row_lo, row_hi)) in src.chunks_exact(d).zip(
+            lo.chunks_exact_mut(per_row)
+                .zip(hi.chunks_exact_mut(per_row)),
+        ) {
+            finite &= minmax::group_ranges::<AVX2>(row, ctx.group, row_lo, row_hi);
         }
-    }
-    if !finite {
-        if !ctx.rotate {
-            return Err(Problem::NonFinite);
-        }
-        // Rotated values of a finite row can only be non-finite through overflow.
-        let r = src
-            .chunks_exact(d)
-            .position(|row| row.iter().any(|v| !v.is_finite()))
-            .unwrap_or(0);
-        return Err(Problem::OutOfF16 {
-            token: first_token + r,
-            channel: 0,
-            lo: f32::NEG_INFINITY,
-            hi: f32::INFINITY,
-        });
-    }
+        finite
+    };
     if let Some(ratio) = ctx.clip_ratio {
         for (l, h) in lo.iter_mut().zip(hi.iter_mut()) {
             (*l, *h) = clip_range(*l, *h, ratio);
@@ -266,20 +281,49 @@ fn per_token_grids<const AVX2: bool>(
         lo,
         hi,
         ctx.levels,
-        &mut ga.zero[..n],
-        &mut ga.scale[..n],
-        &mut ga.inv_scale[..n],
+        &mut ga.zero[k0..k0 + n],
+        &mut ga.scale[k0..k0 + n],
+        &mut ga.inv_scale[k0..k0 + n],
     );
-    if !fits {
-        let k = (0..n).find(|&k| !ga.grid(k).fits_f16()).unwrap_or(0);
-        return Err(Problem::OutOfF16 {
-            token: first_token + k / per_row,
-            channel: (k % per_row) * ctx.group,
-            lo: ga.lo[k],
-            hi: ga.hi[k],
-        });
+    (finite, fits)
+}
+
+/// What is wrong with a per-token block whose values are not all finite, or else whose
+/// grids do not all fit f16 (`ga` holding the block's grids).
+#[cold]
+fn per_token_problem(
+    ctx: &BlockCtx,
+    first_token: usize,
+    src: &[f32],
+    ga: &GroupArrays,
+    finite: bool,
+) -> Problem {
+    let d = ctx.head_dim;
+    let per_row = ctx.groups_per_row();
+    if !finite {
+        if !ctx.rotate {
+            return Problem::NonFinite;
+        }
+        // Rotated values of a finite row can only be non-finite through overflow.
+        let r = src
+            .chunks_exact(d)
+            .position(|row| row.iter().any(|v| !v.is_finite()))
+            .unwrap_or(0);
+        return Problem::OutOfF16 {
+            token: first_token + r,
+            channel: 0,
+            lo: f32::NEG_INFINITY,
+            hi: f32::INFINITY,
+        };
     }
-    Ok(())
+    let n = src.len() / d * per_row;
+    let k = (0..n).find(|&k| !ga.grid(k).fits_f16()).unwrap_or(0);
+    Problem::OutOfF16 {
+        token: first_token + k / per_row,
+        channel: (k % per_row) * ctx.group,
+        lo: ga.lo[k],
+        hi: ga.hi[k],
+    }
 }
 
 /// Spreads the grids of row `r`'s groups over the row's channels.
@@ -350,8 +394,33 @@ fn encode_per_token<const AVX2: bool>(
 ) -> Outcome {
     let src = per_token_source(ctx, x, &mut scratch.rotated)?;
     let (ga, grids) = (&mut scratch.groups, &mut scratch.row);
-    per_token_grids::<AVX2>(ctx, first_token, src, ga)?;
-    let codes = &mut scratch.codes[..x.len()];
+    let mut fused = false;
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && ctx.head_dim.is_multiple_of(8) {
+        // SAFETY: AVX2 = true is only instantiated after detecting AVX2 at run time.
+        let (finite, fits) =
+            unsafe { encode_per_token_avx2(ctx, src, ga, grids, &scratch.run_group, packed) };
+        if !(finite && fits) {
+            return Err(per_token_problem(ctx, first_token, src, ga, finite));
+        }
+        fused = true;
+    }
+    if !fused {
+        per_token_grids::<AVX2>(ctx, first_token, src, ga)?;
+    }
+    let n = scales.len();
+    for (((s, z), &scale), &zero) in scales
+        .iter_mut()
+        .zip(zeros.iter_mut())
+        .zip(&ga.scale[..n])
+        .zip(&ga.zero[..n])
+    {
+        (*s, *z) = (minmax::f16_bits_exact(scale), minmax::f16_bits_exact(zero));
+    }
+    if fused {
+        return Ok(());
+    }
+    let codes = grown(&mut scratch.codes, x.len());
     for (r, (row, row_codes)) in src
         .chunks_exact(ctx.head_dim)
         .zip(codes.chunks_exact_mut(ctx.head_dim))
@@ -364,17 +433,90 @@ fn encode_per_token<const AVX2: bool>(
             minmax::code_row(row, row_codes, grids, ctx.levels);
         }
     }
-    let n = scales.len();
-    for (((s, z), &scale), &zero) in scales
-        .iter_mut()
-        .zip(zeros.iter_mut())
-        .zip(&ga.scale[..n])
-        .zip(&ga.zero[..n])
-    {
-        (*s, *z) = (minmax::f16_bits_exact(scale), minmax::f16_bits_exact(zero));
-    }
     pack_unchecked::<AVX2>(codes, ctx.bits, packed);
     Ok(())
+}
+
+/// Rows a step of the fused per-token encoder aims at, in values: its rows are read from
+/// memory for their ranges, then coded from L1 while the next step's rows are prefetched.
+const STEP_ELEMS: usize = 4096;
+
+/// Ranges, grids, codes and packed bytes of per-token rows (head_dim a multiple of 8, so that
+/// every row starts on a byte), a few rows at a time so that the coding pass reads from L1;
+/// returns whether every value is finite and every grid fits f16, as [`per_token_grids_at`].
+/// Each run of 8 channels lies in one group when the group size is a multiple of 8, and takes
+/// that group's grid by broadcast; otherwise each row's grids are spread over its channels
+/// first and loaded per element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn encode_per_token_avx2(
+    ctx: &BlockCtx,
+    src: &[f32],
+    ga: &mut GroupArrays,
+    grids: &mut RowGrids,
+    run_group: &[usize],
+    packed: &mut [u8],
+) -> (bool, bool) {
+    use super::fused::avx2::{code_pack_rows, Grid8};
+    let (d, bits, levels) = (ctx.head_dim, ctx.bits, ctx.levels);
+    let per_row = ctx.groups_per_row();
+    let clamp = ctx.clip_ratio.is_some();
+    let packer = Packer::new(bits);
+    let step_rows = (STEP_ELEMS / d).max(1);
+    let step = step_rows * d;
+    let row_bytes = d * bits as usize / 8;
+    let (mut finite, mut fits) = (true, true);
+    for (i, (rows, out)) in src
+        .chunks(step)
+        .zip(packed.chunks_mut(step_rows * row_bytes))
+        .enumerate()
+    {
+        let (r0, k0) = (i * step_rows, i * step_rows * per_row);
+        let (ok, fit) = per_token_grids_at::<true>(ctx, rows, ga, k0);
+        (finite, fits) = (finite & ok, fits & fit);
+        let ahead = src.get((i + 1) * step..).unwrap_or(&[]);
+        let ga: &GroupArrays = ga;
+        if ctx.group.is_multiple_of(8) {
+            let grid = |r: usize, q: usize| {
+                let k = k0 + r * per_row + run_group[q];
+                Grid8::splat(ga.zero[k], ga.inv_scale[k], ga.lo[k], ga.hi[k])
+            };
+            // runs of 32 lie in one group when groups of a multiple of 32 tile the rows
+            let run32 = ctx.group.is_multiple_of(32) && d.is_multiple_of(ctx.group);
+            match (clamp, run32) {
+                (false, false) => {
+                    code_pack_rows::<false, false>(&packer, rows, d, levels, grid, ahead, out)
+                }
+                (false, true) => {
+                    code_pack_rows::<false, true>(&packer, rows, d, levels, grid, ahead, out)
+                }
+                (true, false) => {
+                    code_pack_rows::<true, false>(&packer, rows, d, levels, grid, ahead, out)
+                }
+                (true, true) => {
+                    code_pack_rows::<true, true>(&packer, rows, d, levels, grid, ahead, out)
+                }
+            }
+            continue;
+        }
+        for (r, (row, row_out)) in rows
+            .chunks_exact(d)
+            .zip(out.chunks_exact_mut(row_bytes))
+            .enumerate()
+        {
+            fill_row_grids(ctx, ga, r0 + r, grids);
+            let g: &RowGrids = grids;
+            let ahead = ahead.get(r * d..).unwrap_or(&[]);
+            if clamp {
+                let grid = |_, q| Grid8::load(&g.zero, &g.inv_scale, Some((&g.lo, &g.hi)), 8 * q);
+                code_pack_rows::<true, false>(&packer, row, d, levels, grid, ahead, row_out);
+            } else {
+                let grid = |_, q| Grid8::load(&g.zero, &g.inv_scale, None, 8 * q);
+                code_pack_rows::<false, false>(&packer, row, d, levels, grid, ahead, row_out);
+            }
+        }
+    }
+    (finite, fits)
 }
 
 #[inline(always)]
@@ -386,7 +528,7 @@ fn decode_per_token(
     out: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let codes = &mut scratch.codes[..out.len()];
+    let codes = grown(&mut scratch.codes, out.len());
     unpack_unchecked(packed, ctx.bits, codes);
     let n = scales.len();
     let (ga, grids) = (&mut scratch.groups, &mut scratch.row);
@@ -419,41 +561,11 @@ fn decode_per_token(
 // time (CHANNEL_LANES, then single channels for a remainder): their ranges and grids are
 // fixed-size arrays that live in vector registers while the kernel walks down the rows.
 
-/// Grids of channels `c0..c0+W` over the rows of one token group `xs`, written into `grids`.
-#[inline(always)]
-fn channel_grids<const W: usize, const AVX2: bool>(
-    ctx: &BlockCtx,
-    xs: &[f32],
-    c0: usize,
-    token: usize,
-    grids: &mut RowGrids,
-) -> Outcome {
-    let (lo, hi, finite) = column_min_max::<W, AVX2>(xs, ctx.head_dim, c0);
-    if !finite {
-        return Err(Problem::NonFinite);
-    }
-    let mut fits = true;
-    for i in 0..W {
-        let grid = Grid::covering(lo[i], hi[i], ctx.levels);
-        grids.set(c0 + i, grid);
-        fits &= grid.fits_f16();
-    }
-    if !fits {
-        let i = (0..W)
-            .find(|&i| !Grid::covering(lo[i], hi[i], ctx.levels).fits_f16())
-            .unwrap_or(0);
-        return Err(Problem::OutOfF16 {
-            token,
-            channel: c0 + i,
-            lo: lo[i],
-            hi: hi[i],
-        });
-    }
-    Ok(())
-}
-
-/// Grids of every channel over one token group: CHANNEL_LANES channels at a time, then one
-/// at a time for a remainder.
+/// Grids of every channel over one token group `xs`: the ranges of CHANNEL_LANES channels at
+/// a time (then one at a time for a remainder) into `grids.lo`/`grids.hi`, then all grids in
+/// one vectorised loop. On a problem the channels are gone through again in order, so that
+/// the problem reported is that of the first offending channel, as a channel-by-channel
+/// pass would find it.
 #[inline(always)]
 fn token_group_grids<const AVX2: bool>(
     ctx: &BlockCtx,
@@ -462,16 +574,60 @@ fn token_group_grids<const AVX2: bool>(
     grids: &mut RowGrids,
 ) -> Outcome {
     let d = ctx.head_dim;
+    let mut finite = true;
     let mut c0 = 0;
     while c0 + CHANNEL_LANES <= d {
-        channel_grids::<CHANNEL_LANES, AVX2>(ctx, xs, c0, token, grids)?;
+        let (lo, hi, ok) = column_min_max::<CHANNEL_LANES, AVX2>(xs, d, c0);
+        grids.lo[c0..c0 + CHANNEL_LANES].copy_from_slice(&lo);
+        grids.hi[c0..c0 + CHANNEL_LANES].copy_from_slice(&hi);
+        finite &= ok;
         c0 += CHANNEL_LANES;
     }
     while c0 < d {
-        channel_grids::<1, AVX2>(ctx, xs, c0, token, grids)?;
+        let (lo, hi, ok) = column_min_max::<1, AVX2>(xs, d, c0);
+        (grids.lo[c0], grids.hi[c0]) = (lo[0], hi[0]);
+        finite &= ok;
         c0 += 1;
     }
-    Ok(())
+    let fits = minmax::grids_of_ranges(
+        &grids.lo,
+        &grids.hi,
+        ctx.levels,
+        &mut grids.zero,
+        &mut grids.scale,
+        &mut grids.inv_scale,
+    );
+    if finite && fits {
+        return Ok(());
+    }
+    // Only on failure: go through the batches again in order, each reporting its non-finite
+    // values before any misfit among its channels.
+    let mut c0 = 0;
+    while c0 < d {
+        let (w, ok) = if c0 + CHANNEL_LANES <= d {
+            let (_, _, ok) = column_min_max::<CHANNEL_LANES, AVX2>(xs, d, c0);
+            (CHANNEL_LANES, ok)
+        } else {
+            let (_, _, ok) = column_min_max::<1, AVX2>(xs, d, c0);
+            (1, ok)
+        };
+        if !ok {
+            return Err(Problem::NonFinite);
+        }
+        for c in c0..c0 + w {
+            let (lo, hi) = (grids.lo[c], grids.hi[c]);
+            if !Grid::covering(lo, hi, ctx.levels).fits_f16() {
+                return Err(Problem::OutOfF16 {
+                    token,
+                    channel: c,
+                    lo,
+                    hi,
+                });
+            }
+        }
+        c0 += w;
+    }
+    unreachable!("a non-finite value or a misfit was found above")
 }
 
 #[inline(always)]
@@ -507,10 +663,16 @@ fn encode_per_channel<const AVX2: bool>(
     scratch: &mut Scratch,
 ) -> Outcome {
     let d = ctx.head_dim;
-    let codes = &mut scratch.codes[..x.len()];
+    // Fused AVX2 coding needs every token group to start on a byte of `packed`.
+    let fused = cfg!(target_arch = "x86_64") && AVX2 && d.is_multiple_of(8);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 = true is only instantiated after detecting AVX2 at run time.
+    let packer = fused.then(|| unsafe { Packer::new(ctx.bits) });
+    let codes = grown(&mut scratch.codes, if fused { 0 } else { x.len() });
     let grids = &mut scratch.row;
-    let groups = x.chunks(ctx.group * d).zip(codes.chunks_mut(ctx.group * d));
-    for (j, (xs, cs)) in groups.enumerate() {
+    let span = ctx.group * d;
+    let span_bytes = span * ctx.bits as usize / 8;
+    for (j, xs) in x.chunks(span).enumerate() {
         token_group_grids::<AVX2>(ctx, xs, first_token + j * ctx.group, grids)?;
         let (group_scales, group_zeros) = (
             &mut scales[j * d..(j + 1) * d],
@@ -520,12 +682,42 @@ fn encode_per_channel<const AVX2: bool>(
             group_scales[c] = minmax::f16_bits_exact(grids.scale[c]);
             group_zeros[c] = minmax::f16_bits_exact(grids.zero[c]);
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(packer) = &packer {
+            let start = j * span_bytes;
+            let out = &mut packed[start..start + xs.len() * ctx.bits as usize / 8];
+            let ahead = x.get((j + 1) * span..).unwrap_or(&[]);
+            // SAFETY: AVX2 = true is only instantiated after detecting AVX2 at run time.
+            unsafe { code_pack_per_channel_avx2(ctx, packer, xs, grids, ahead, out) };
+            continue;
+        }
+        let cs = &mut codes[j * span..j * span + xs.len()];
         for (src, dst) in xs.chunks_exact(d).zip(cs.chunks_exact_mut(d)) {
             minmax::code_row(src, dst, grids, ctx.levels);
         }
     }
-    pack_unchecked::<AVX2>(codes, ctx.bits, packed);
+    if !fused {
+        pack_unchecked::<AVX2>(codes, ctx.bits, packed);
+    }
     Ok(())
+}
+
+/// Codes and packs the rows of one token group with the fused kernel, each run of 8
+/// channels loading its 8 channels' grids, while the next token group (`ahead`) is
+/// prefetched for its ranges.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn code_pack_per_channel_avx2(
+    ctx: &BlockCtx,
+    packer: &Packer,
+    xs: &[f32],
+    grids: &RowGrids,
+    ahead: &[f32],
+    out: &mut [u8],
+) {
+    use super::fused::avx2::{code_pack_rows, Grid8};
+    let grid = |_, q| Grid8::load(&grids.zero, &grids.inv_scale, None, 8 * q);
+    code_pack_rows::<false, false>(packer, xs, ctx.head_dim, ctx.levels, grid, ahead, out);
 }
 
 #[inline(always)]
@@ -538,7 +730,7 @@ fn decode_per_channel(
     scratch: &mut Scratch,
 ) {
     let d = ctx.head_dim;
-    let codes = &mut scratch.codes[..out.len()];
+    let codes = grown(&mut scratch.codes, out.len());
     unpack_unchecked(packed, ctx.bits, codes);
     let grids = &mut scratch.row;
     for (j, (os, cs)) in out
@@ -698,16 +890,10 @@ impl Scheme {
         }
     }
 
-    /// Buffers one worker needs for blocks of `rows` rows: codes for encode/decode, a rotated
-    /// copy for QuaRot, group arrays for per-token grouping.
-    fn scratch_maker(
-        &self,
-        shape: TileShape,
-        rows: usize,
-        codes: bool,
-    ) -> impl Fn() -> Scratch + Sync + Send {
+    /// Buffers one worker needs for blocks of `rows` rows: a rotated copy for QuaRot, group
+    /// arrays for per-token grouping (codes for encode/decode are allocated on first use).
+    fn scratch_maker(&self, shape: TileShape, rows: usize) -> impl Fn() -> Scratch + Sync + Send {
         let block = rows * shape.head_dim;
-        let code_len = if codes { block } else { 0 };
         let rotated_len = if self.rotate { block } else { 0 };
         let group_len = if self.groups == Groups::PerToken {
             self.groups_in_rows(rows, shape.head_dim)
@@ -715,11 +901,13 @@ impl Scheme {
             0
         };
         let head_dim = shape.head_dim;
+        let group = self.group;
         move || Scratch {
-            codes: vec![0; code_len],
+            codes: Vec::new(),
             rotated: vec![0.0; rotated_len],
             groups: GroupArrays::new(group_len),
             row: RowGrids::new(head_dim),
+            run_group: (0..head_dim / 8).map(|q| 8 * q / group).collect(),
         }
     }
 
@@ -755,7 +943,7 @@ impl Scheme {
         run_blocks(
             tasks,
             x.len() >= PARALLEL_MIN_ELEMS,
-            self.scratch_maker(shape, rows, false),
+            self.scratch_maker(shape, rows),
             |scratch, (b, (xb, ob))| {
                 fake_block_isa(isa, &ctx, self.groups, b * rows, xb, ob, scratch)
             },
@@ -796,7 +984,7 @@ impl Scheme {
         run_blocks(
             tasks,
             x.len() >= PARALLEL_MIN_ELEMS,
-            self.scratch_maker(shape, rows, true),
+            self.scratch_maker(shape, rows),
             |scratch, (b, (((xb, cb), sb), zb))| {
                 encode_block_isa(isa, &ctx, self.groups, b * rows, xb, cb, sb, zb, scratch)
             },
@@ -837,7 +1025,7 @@ impl Scheme {
         run_blocks(
             tasks,
             parallel,
-            self.scratch_maker(shape, rows, true),
+            self.scratch_maker(shape, rows),
             |scratch, (((cb, sb), zb), ob)| {
                 decode_block_isa(isa, &ctx, self.groups, cb, sb, zb, ob, scratch);
                 Ok(())
@@ -992,52 +1180,169 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
+    fn f16_bits(v: &[half::f16]) -> Vec<u16> {
+        v.iter().map(|h| h.to_bits()).collect()
+    }
+
+    /// Every instruction-set variant of fake-quantize, encode and decode gives the baseline's
+    /// bits for `x` at every width.
+    fn assert_variants_agree(scheme: Scheme, shape: TileShape, x: &[f32]) {
+        for bits in 1..=8u8 {
+            let mut base_fake = vec![0.0; x.len()];
+            scheme
+                .fake_quantize_isa(Isa::Baseline, x, shape, bits, &mut base_fake)
+                .unwrap();
+            let base_enc = scheme
+                .encode_isa(Isa::Baseline, x, shape, Kind::K, bits)
+                .unwrap();
+            let mut base_dec = vec![0.0; x.len()];
+            scheme
+                .decode_isa(Isa::Baseline, &base_enc, &mut base_dec)
+                .unwrap();
+            assert_eq!(
+                bits_of(&base_fake),
+                bits_of(&base_dec),
+                "{scheme:?} {shape} b={bits}"
+            );
+            for &isa in &Isa::available()[1..] {
+                let mut fake = vec![0.0; x.len()];
+                scheme
+                    .fake_quantize_isa(isa, x, shape, bits, &mut fake)
+                    .unwrap();
+                assert_eq!(
+                    bits_of(&fake),
+                    bits_of(&base_fake),
+                    "{isa:?} {scheme:?} {shape} b={bits}"
+                );
+                let enc = scheme.encode_isa(isa, x, shape, Kind::K, bits).unwrap();
+                assert_eq!(enc, base_enc, "{isa:?} {scheme:?} {shape} b={bits}");
+                assert_eq!(
+                    (f16_bits(&enc.scales), f16_bits(&enc.zeros)),
+                    (f16_bits(&base_enc.scales), f16_bits(&base_enc.zeros)),
+                    "{isa:?} {scheme:?} {shape} b={bits}"
+                );
+                let mut dec = vec![0.0; x.len()];
+                scheme.decode_isa(isa, &base_enc, &mut dec).unwrap();
+                assert_eq!(
+                    bits_of(&dec),
+                    bits_of(&base_dec),
+                    "{isa:?} {scheme:?} {shape} b={bits}"
+                );
+            }
+        }
+    }
+
     /// Every instruction-set variant gives the baseline's bits, serial and parallel tiles alike.
     #[test]
     fn instruction_set_variants_agree_with_baseline() {
-        let isas = Isa::available();
-        eprintln!("instruction sets compared: {isas:?}");
+        eprintln!("instruction sets compared: {:?}", Isa::available());
         for (tokens, head_dim) in [(37usize, 128usize), (1030, 128), (9, 64), (700, 64)] {
             let shape = TileShape::new(tokens, head_dim);
             let x = data(shape.len(), (tokens * head_dim) as u64);
             for scheme in schemes() {
-                for bits in 1..=8u8 {
-                    let mut base_fake = vec![0.0; x.len()];
-                    scheme
-                        .fake_quantize_isa(Isa::Baseline, &x, shape, bits, &mut base_fake)
-                        .unwrap();
-                    let base_enc = scheme
-                        .encode_isa(Isa::Baseline, &x, shape, Kind::K, bits)
-                        .unwrap();
-                    let mut base_dec = vec![0.0; x.len()];
-                    scheme
-                        .decode_isa(Isa::Baseline, &base_enc, &mut base_dec)
-                        .unwrap();
-                    assert_eq!(
-                        bits_of(&base_fake),
-                        bits_of(&base_dec),
-                        "{scheme:?} {shape} b={bits}"
-                    );
-                    for &isa in &isas[1..] {
-                        let mut fake = vec![0.0; x.len()];
-                        scheme
-                            .fake_quantize_isa(isa, &x, shape, bits, &mut fake)
-                            .unwrap();
-                        assert_eq!(
-                            bits_of(&fake),
-                            bits_of(&base_fake),
-                            "{isa:?} {scheme:?} {shape} b={bits}"
-                        );
-                        let enc = scheme.encode_isa(isa, &x, shape, Kind::K, bits).unwrap();
-                        assert_eq!(enc, base_enc, "{isa:?} {scheme:?} {shape} b={bits}");
-                        let mut dec = vec![0.0; x.len()];
-                        scheme.decode_isa(isa, &base_enc, &mut dec).unwrap();
-                        assert_eq!(
-                            bits_of(&dec),
-                            bits_of(&base_dec),
-                            "{isa:?} {scheme:?} {shape} b={bits}"
-                        );
-                    }
+                assert_variants_agree(scheme, shape, &x);
+            }
+        }
+    }
+
+    /// The same on the shapes the fused AVX2 paths treat specially: rows that end in a run
+    /// of 8, 16 or 24 channels, rows of a length that is not a multiple of 8 (no fused path),
+    /// group sizes of a multiple of 8 that do and do not divide the row, partial token
+    /// groups, and tiles of long constant stretches (constant groups, exact zeros).
+    #[test]
+    fn instruction_set_variants_agree_on_odd_shapes() {
+        let per_token = |group| Scheme {
+            groups: Groups::PerToken,
+            group,
+            clip_ratio: None,
+            rotate: false,
+        };
+        let per_channel = |group| Scheme {
+            groups: Groups::PerChannel,
+            group,
+            clip_ratio: None,
+            rotate: false,
+        };
+        let quarot = |group| Scheme {
+            groups: Groups::PerToken,
+            group,
+            clip_ratio: Some(0.95),
+            rotate: true,
+        };
+        for (tokens, head_dim) in [
+            (45usize, 8usize),
+            (1500, 24),
+            (130, 40),
+            (500, 72),
+            (33, 100),
+        ] {
+            let shape = TileShape::new(tokens, head_dim);
+            let noisy = data(shape.len(), (tokens + head_dim) as u64);
+            // constant over runs of 7 tokens × 11 channels, some of them zero
+            let blocky: Vec<f32> = (0..shape.len())
+                .map(|i| {
+                    let (t, c) = (i / head_dim, i % head_dim);
+                    let cell = (t / 7 * 13 + c / 11) % 5;
+                    [0.0, 1.5, -0.75, 0.0, 3.1][cell] + if cell == 4 { c as f32 } else { 0.0 }
+                })
+                .collect();
+            let mut schemes = vec![
+                per_token(8),
+                per_token(16),
+                per_token(head_dim),
+                per_token(40),
+                per_channel(8),
+                per_channel(32),
+                per_channel(7),
+            ];
+            if head_dim.is_power_of_two() {
+                schemes.extend([quarot(8), quarot(head_dim)]);
+            }
+            for scheme in schemes {
+                assert_variants_agree(scheme, shape, &noisy);
+                assert_variants_agree(scheme, shape, &blocky);
+            }
+        }
+    }
+
+    /// Tiles that cannot be encoded fail with the same error in every variant: a group beyond
+    /// f16 before or after a non-finite value, in the same or another batch of channels.
+    #[test]
+    fn instruction_set_variants_report_the_same_problem() {
+        let shape = TileShape::new(64, 64);
+        let mut cases = Vec::new();
+        for (misfit, bad) in [(3usize, 40usize), (40, 3), (5, 9), (9, 5), (63, 62)] {
+            let mut x = data(shape.len(), 5);
+            // channel `misfit` of token 33 out of f16 range, channel `bad` of token 40 NaN
+            x[33 * 64 + misfit] = 1.0e6;
+            x[40 * 64 + bad] = f32::NAN;
+            cases.push(x.clone());
+            x[40 * 64 + bad] = 0.0;
+            cases.push(x);
+        }
+        let mut schemes = schemes();
+        schemes.push(Scheme {
+            groups: Groups::PerChannel,
+            group: 8,
+            clip_ratio: None,
+            rotate: false,
+        });
+        for scheme in schemes {
+            for x in &cases {
+                let errors = |isa| {
+                    let fake = scheme
+                        .fake_quantize_isa(isa, x, shape, 4, &mut vec![0.0; x.len()])
+                        .unwrap_err()
+                        .to_string();
+                    let enc = scheme
+                        .encode_isa(isa, x, shape, Kind::K, 4)
+                        .unwrap_err()
+                        .to_string();
+                    (fake, enc)
+                };
+                let base = errors(Isa::Baseline);
+                for &isa in &Isa::available()[1..] {
+                    assert_eq!(errors(isa), base, "{isa:?} {scheme:?}");
                 }
             }
         }

@@ -68,7 +68,9 @@ pub(crate) fn f16_bits_exact(v: f32) -> u16 {
     let sign = ((bits >> 16) & 0x8000) as u16;
     let magnitude = v.abs();
     let normal = ((bits & 0x7FFF_FFFF) >> 13).wrapping_sub((127 - 15) << 10) as u16;
-    let subnormal = (magnitude * TWO_POW_24) as u16;
+    // `magnitude·2^24` is an integer below 2^10 here; read it from the mantissa after the
+    // rounding offset rather than by a float-to-int cast, so that loops of this vectorise
+    let subnormal = (magnitude * TWO_POW_24 + ROUND_MAGIC).to_bits() as u16;
     sign | if magnitude < F16_MIN_NORMAL {
         subnormal
     } else {
@@ -228,6 +230,30 @@ pub(crate) fn min_max<const AVX2: bool>(x: &[f32]) -> (f32, f32, bool) {
     min_max_scalar(x)
 }
 
+/// Minimum and maximum of each run of `group` consecutive values of `x` (the last run may
+/// be shorter) into `lo` and `hi`, and whether every value is finite. With `AVX2`, whole
+/// runs of a multiple of 8 values share transposing reductions, eight runs at a time.
+#[inline(always)]
+pub(crate) fn group_ranges<const AVX2: bool>(
+    x: &[f32],
+    group: usize,
+    lo: &mut [f32],
+    hi: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && group.is_multiple_of(8) && x.len().is_multiple_of(group) {
+        // SAFETY: callers instantiate AVX2 = true only after detecting AVX2 at run time.
+        return unsafe { avx2::group_min_max(x, group, lo, hi) };
+    }
+    let mut finite = true;
+    for ((part, l), h) in x.chunks(group).zip(lo.iter_mut()).zip(hi.iter_mut()) {
+        let (min, max, ok) = min_max::<AVX2>(part);
+        (*l, *h) = (min, max);
+        finite &= ok;
+    }
+    finite
+}
+
 /// Portable [`min_max`] (the reference the AVX2 kernel is tested against).
 #[inline(always)]
 pub(crate) fn min_max_scalar(x: &[f32]) -> (f32, f32, bool) {
@@ -366,6 +392,104 @@ pub(crate) mod avx2 {
         (min, max, poisoned == 0.0)
     }
 
+    /// Minimum and maximum of each 8-lane vector in `v`, lane `i` of the results for `v[i]`:
+    /// a transposing reduction (three levels of unpack/shuffle/permute) that costs about as
+    /// much as one horizontal reduction for all eight.
+    #[target_feature(enable = "avx2")]
+    fn reduce8(v: [__m256; 8], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
+        // (written out: closures handed to `array::map` would not be inlined here)
+        // level 1: per 128-bit half, lanes 0/2 and 1/3 of vectors i and i + 1 combined
+        let pair = |i: usize| {
+            op(
+                _mm256_unpacklo_ps(v[i], v[i + 1]),
+                _mm256_unpackhi_ps(v[i], v[i + 1]),
+            )
+        };
+        let pairs = [pair(0), pair(2), pair(4), pair(6)];
+        // level 2: per 128-bit half, one lane for each of vectors i..i + 4
+        let quad = |i: usize| {
+            op(
+                _mm256_shuffle_ps::<0b01_00_01_00>(pairs[i], pairs[i + 1]),
+                _mm256_shuffle_ps::<0b11_10_11_10>(pairs[i], pairs[i + 1]),
+            )
+        };
+        let quads = [quad(0), quad(2)];
+        // level 3: the two halves of each
+        op(
+            _mm256_permute2f128_ps::<0x20>(quads[0], quads[1]),
+            _mm256_permute2f128_ps::<0x31>(quads[0], quads[1]),
+        )
+    }
+
+    /// Minimum and maximum of each run of `group` consecutive values of `x` (`group` a
+    /// multiple of 8, `x.len()` a multiple of `group`) into `lo` and `hi`, and whether every
+    /// value is finite; eight groups share one transposing reduction.
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn group_min_max(x: &[f32], group: usize, lo: &mut [f32], hi: &mut [f32]) -> bool {
+        debug_assert!(group.is_multiple_of(8) && x.len().is_multiple_of(group));
+        let n = x.len() / group;
+        let (lo, hi) = (&mut lo[..n], &mut hi[..n]);
+        // Finiteness from a sum of the values: finite values keep it finite unless it
+        // overflows, a NaN or infinity makes it non-finite; only then are the values checked
+        // one by one. (Two partial sums per group halve its chain of dependent additions.)
+        let mut sum = _mm256_setzero_ps();
+        // partial extremes of one group, 8 lanes each
+        let mut partial = |g: &[f32]| {
+            let mut l = _mm256_set1_ps(f32::INFINITY);
+            let mut h = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut s = [_mm256_setzero_ps(); 2];
+            let mut pairs = g.chunks_exact(16);
+            for pair in &mut pairs {
+                // SAFETY: the pair holds 16 floats.
+                let (v0, v1) = unsafe {
+                    (
+                        _mm256_loadu_ps(pair.as_ptr()),
+                        _mm256_loadu_ps(pair.as_ptr().add(8)),
+                    )
+                };
+                l = _mm256_min_ps(v0, _mm256_min_ps(v1, l));
+                h = _mm256_max_ps(v0, _mm256_max_ps(v1, h));
+                s = [_mm256_add_ps(s[0], v0), _mm256_add_ps(s[1], v1)];
+            }
+            if let Some(chunk) = pairs.remainder().get(..8) {
+                // SAFETY: the chunk holds 8 floats.
+                let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+                l = _mm256_min_ps(v, l);
+                h = _mm256_max_ps(v, h);
+                s[0] = _mm256_add_ps(s[0], v);
+            }
+            sum = _mm256_add_ps(sum, _mm256_add_ps(s[0], s[1]));
+            (l, h)
+        };
+        let mut groups = x.chunks_exact(group);
+        let mut k = 0;
+        while k + 8 <= n {
+            let mut l = [_mm256_setzero_ps(); 8];
+            let mut h = [_mm256_setzero_ps(); 8];
+            for i in 0..8 {
+                (l[i], h[i]) = partial(groups.next().expect("8 more groups"));
+            }
+            let (l, h) = (
+                reduce8(l, |a, b| _mm256_min_ps(a, b)),
+                reduce8(h, |a, b| _mm256_max_ps(a, b)),
+            );
+            // SAFETY: `lo` and `hi` hold groups k..k + 8.
+            unsafe {
+                _mm256_storeu_ps(lo[k..k + 8].as_mut_ptr(), l);
+                _mm256_storeu_ps(hi[k..k + 8].as_mut_ptr(), h);
+            }
+            k += 8;
+        }
+        let mut finite = true;
+        for (g, (l, h)) in groups.zip(lo[k..].iter_mut().zip(&mut hi[k..])) {
+            let (min, max, ok) = min_max(g);
+            (*l, *h) = (min, max);
+            finite &= ok;
+        }
+        let (_, _, total) = reduce(sum, sum, sum);
+        finite && (total.is_finite() || x.iter().all(|v| v.is_finite()))
+    }
+
     /// [`super::column_min_max`] of 16 channels: two vectors per row.
     #[target_feature(enable = "avx2")]
     pub(crate) fn column_min_max16(
@@ -375,29 +499,48 @@ pub(crate) mod avx2 {
     ) -> ([f32; 16], [f32; 16], bool) {
         let mut lo = [_mm256_set1_ps(f32::INFINITY); 2];
         let mut hi = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
-        let mut poison = [_mm256_setzero_ps(); 2];
-        for row in xs.chunks_exact(head_dim) {
+        // Finiteness from sums of the values, as in `group_min_max`; even and odd rows sum
+        // apart, halving the chains of dependent additions.
+        let mut sum = [_mm256_setzero_ps(); 4];
+        let mut step = |row: &[f32], sum: &mut [__m256]| {
             let v = &row[c0..c0 + 16];
             for h in 0..2 {
                 // SAFETY: `v` holds 16 floats.
                 let v = unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * h)) };
                 lo[h] = _mm256_min_ps(v, lo[h]);
                 hi[h] = _mm256_max_ps(v, hi[h]);
-                poison[h] = _mm256_add_ps(poison[h], _mm256_mul_ps(v, _mm256_setzero_ps()));
+                sum[h] = _mm256_add_ps(sum[h], v);
             }
+        };
+        let mut pairs = xs.chunks_exact(2 * head_dim);
+        for pair in &mut pairs {
+            let (even, odd) = pair.split_at(head_dim);
+            let (sum_even, sum_odd) = sum.split_at_mut(2);
+            step(even, sum_even);
+            step(odd, sum_odd);
+        }
+        if let Some(row) = pairs.remainder().get(..head_dim) {
+            step(row, &mut sum[..2]);
         }
         let mut lo_out = [0.0f32; 16];
         let mut hi_out = [0.0f32; 16];
-        let mut poison_out = [0.0f32; 16];
+        let mut sum_out = [0.0f32; 16];
         for h in 0..2 {
             // SAFETY: each destination half holds 8 floats.
             unsafe {
                 _mm256_storeu_ps(lo_out.as_mut_ptr().add(8 * h), lo[h]);
                 _mm256_storeu_ps(hi_out.as_mut_ptr().add(8 * h), hi[h]);
-                _mm256_storeu_ps(poison_out.as_mut_ptr().add(8 * h), poison[h]);
+                _mm256_storeu_ps(
+                    sum_out.as_mut_ptr().add(8 * h),
+                    _mm256_add_ps(sum[h], sum[2 + h]),
+                );
             }
         }
-        (lo_out, hi_out, poison_out.iter().all(|&p| p == 0.0))
+        let finite = sum_out.iter().all(|s| s.is_finite())
+            || xs
+                .chunks_exact(head_dim)
+                .all(|row| row[c0..c0 + 16].iter().all(|v| v.is_finite()));
+        (lo_out, hi_out, finite)
     }
 }
 
@@ -445,13 +588,6 @@ impl RowGrids {
         self.inv_scale[start..end].fill(grid.inv_scale);
         self.lo[start..end].fill(lo);
         self.hi[start..end].fill(hi);
-    }
-
-    #[inline(always)]
-    pub fn set(&mut self, channel: usize, grid: Grid) {
-        self.zero[channel] = grid.zero;
-        self.scale[channel] = grid.scale;
-        self.inv_scale[channel] = grid.inv_scale;
     }
 }
 
@@ -661,5 +797,84 @@ mod tests {
                 assert!(!unsafe { avx2::column_min_max16(&x, 16, 0) }.2);
             }
         }
+    }
+
+    /// The batched AVX2 group ranges against the portable range of each group: group sizes
+    /// that are and are not multiples of 8, group counts around the batches of 8, a short
+    /// last group, non-finite values in any batch or in the remainder.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_group_ranges_match_scalar() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut state = 777u64;
+        for group in [1usize, 5, 8, 16, 24, 32, 40, 128] {
+            for groups in [1usize, 7, 8, 9, 16, 17, 23] {
+                for short in [0usize, 3] {
+                    let len = groups * group - short.min(group - 1);
+                    let mut x: Vec<f32> = (0..len)
+                        .map(|i| {
+                            state = state
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            let v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 9.0;
+                            // constant stretches and signed zeros as well
+                            if i % 11 < 3 {
+                                0.0
+                            } else if i % 11 == 3 {
+                                -0.0
+                            } else {
+                                v
+                            }
+                        })
+                        .collect();
+                    let n = len.div_ceil(group);
+                    let (mut lo, mut hi) = (vec![0.0; n], vec![0.0; n]);
+                    assert!(group_ranges::<true>(&x, group, &mut lo, &mut hi));
+                    for (k, part) in x.chunks(group).enumerate() {
+                        let (min, max, ok) = min_max_scalar(part);
+                        assert!(ok);
+                        // equal as values: only the sign of a zero extreme may differ
+                        assert!(lo[k] == min && hi[k] == max, "group {group} #{k}");
+                    }
+                    for at in [0, len / 2, len - 1] {
+                        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                            let keep = x[at];
+                            x[at] = bad;
+                            let ok = group_ranges::<true>(&x, group, &mut lo, &mut hi);
+                            assert!(!ok, "group {group} len {len}: {bad} at {at} missed");
+                            x[at] = keep;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 range kernels read finiteness from sums of the values: finite values whose
+    /// sums overflow are still finite, and a non-finite value among them is still found.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_ranges_finite_despite_overflowing_sums() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut x: Vec<f32> = (0..64 * 16)
+            .map(|i| f32::MAX * if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let (mut lo, mut hi) = ([0.0; 64], [0.0; 64]);
+        assert!(group_ranges::<true>(&x, 16, &mut lo, &mut hi));
+        assert_eq!((lo[5], hi[5]), (-f32::MAX, f32::MAX));
+        // SAFETY: AVX2 detected above.
+        let (clo, chi, ok) = unsafe { avx2::column_min_max16(&x, 16, 0) };
+        assert!(ok);
+        assert_eq!((clo, chi, ok), column_min_max_scalar::<16>(&x, 16, 0));
+        x[700] = f32::NAN;
+        assert!(!group_ranges::<true>(&x, 16, &mut lo, &mut hi));
+        // SAFETY: AVX2 detected above.
+        assert!(!unsafe { avx2::column_min_max16(&x, 16, 0) }.2);
     }
 }

@@ -18,6 +18,7 @@
 //! below one f16 ulp of the value.
 
 mod engine;
+mod fused;
 pub mod kivi;
 mod minmax;
 pub mod quarot;
