@@ -752,36 +752,35 @@ fn dot<const F16C: bool>(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// Widens `src` into `dst` (resized to fit); with F16C when the caller enabled it (`half`'s
-/// slice conversion detects the CPU on every call, which costs more than these short runs).
+/// Widens `src` into `dst` (replacing its contents, without zero-filling it first); with F16C
+/// when the caller enabled it (`half`'s slice conversion detects the CPU on every call, which
+/// costs more than these short runs).
 #[inline(always)]
 fn to_f32<const F16C: bool>(src: &[f16], dst: &mut Vec<f32>) {
     dst.clear();
-    dst.resize(src.len(), 0.0);
+    dst.reserve(src.len());
     #[cfg(target_arch = "x86_64")]
     if F16C {
         // SAFETY: F16C is only true inside run_task_avx2, which enables it.
         unsafe { widen_f16c(src, dst) };
         return;
     }
-    for (d, h) in dst.iter_mut().zip(src) {
-        *d = h.to_f32();
-    }
+    dst.extend(src.iter().map(|h| h.to_f32()));
 }
 
-/// Exact, like `f16::to_f32`.
+/// Appends `src` widened to `dst`. Exact, like `f16::to_f32`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
-unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
+unsafe fn widen_f16c(src: &[f16], dst: &mut Vec<f32>) {
     use std::arch::x86_64::*;
-    let whole = src.len() / 8 * 8;
-    for i in (0..whole).step_by(8) {
-        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    let mut chunks = src.chunks_exact(8);
+    let mut lanes = [0f32; 8];
+    for chunk in &mut chunks {
+        let h = _mm_loadu_si128(chunk.as_ptr() as *const __m128i);
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_cvtph_ps(h));
+        dst.extend_from_slice(&lanes);
     }
-    for i in whole..src.len() {
-        dst[i] = src[i].to_f32();
-    }
+    dst.extend(chunks.remainder().iter().map(|h| h.to_f32()));
 }
 
 /// Scores of positions `a..e` (all quantized) into `scores[r·len + pos − a0]`, where `a0 = a`.
@@ -911,16 +910,15 @@ fn packed_values<const F16C: bool>(
     let codes = &core.codes[a * value.row_bytes..];
     let mut s = Vec::new();
     let mut z = Vec::new();
-    let mut ps = vec![0.0f32; rows * n];
+    let mut ps = Vec::with_capacity(rows * n);
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
         let c1 = (c0 + core.layout.group).min(d);
         to_f32::<F16C>(&core.scales[g][a..e], &mut s);
         to_f32::<F16C>(&core.zeros[g][a..e], &mut z);
-        for (r, psr) in ps.chunks_exact_mut(n).enumerate() {
+        ps.clear();
+        for r in 0..rows {
             let p = &probs[r * len..r * len + n];
-            for ((o, &pp), &sc) in psr.iter_mut().zip(p).zip(&s) {
-                *o = pp * sc;
-            }
+            ps.extend(p.iter().zip(&s).map(|(&pp, &sc)| pp * sc));
             let zero_part = dot::<F16C>(p, &z);
             for x in &mut acc[r * d + c0..r * d + c1] {
                 *x += zero_part;

@@ -440,7 +440,7 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(_mm256_castsi256_ps(pow2), poly)
 }
 
-/// `Σ_c a[c]·b[c]` with eight partial sums, so that it vectorises.
+/// `Σ_c a[c]·b[c]` in eight (short) or 32 (long) partial sums, so that it vectorises.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_with::<false>(a, b)
@@ -457,6 +457,28 @@ pub fn dot_fused(a: &[f32], b: &[f32]) -> f32 {
 fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let madd = |x: f32, y: f32, acc: f32| if FUSED { x.mul_add(y, acc) } else { acc + x * y };
     let mut sums = [0.0f32; 8];
+    let (mut a, mut b) = (a, b);
+    if a.len() >= LONG_DOT {
+        // Four independent groups of eight partial sums: with one group, a long dot product
+        // waits on the add latency at every step. (Short ones are faster without the extra
+        // reduction.)
+        let mut groups = [[0.0f32; 8]; 4];
+        let mut ca = a.chunks_exact(32);
+        let mut cb = b.chunks_exact(32);
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for (j, g) in groups.iter_mut().enumerate() {
+                for i in 0..8 {
+                    g[i] = madd(x[8 * j + i], y[8 * j + i], g[i]);
+                }
+            }
+        }
+        for g in &groups {
+            for i in 0..8 {
+                sums[i] += g[i];
+            }
+        }
+        (a, b) = (ca.remainder(), cb.remainder());
+    }
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
@@ -470,6 +492,9 @@ fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     }
     sums.iter().sum::<f32>() + tail
 }
+
+/// Length from which [`dot`] keeps four groups of partial sums.
+const LONG_DOT: usize = 256;
 
 /// `acc[c] += w·x[c]`.
 #[inline(always)]
