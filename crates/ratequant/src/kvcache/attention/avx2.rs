@@ -137,47 +137,6 @@ const SHUFFLE_TABLES: [([u8; 32], [i32; 8], [f32; 8]); 9] = {
     t
 };
 
-/// [`simd::key_scores_rows`] compiled for AVX2.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn key_scores_rows<const R: usize, const NC: usize, U: Unpack<Avx2>>(
-    codes: *const u8,
-    slot_bytes: usize,
-    bits: u8,
-    c0: usize,
-    c1: usize,
-    t_begin: usize,
-    t_end: usize,
-    w: *const f32,
-    w_stride: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
-    simd::key_scores_rows::<Avx2, U, R, NC>(
-        codes, slot_bytes, bits, c0, c1, t_begin, t_end, w, w_stride, out, out_stride,
-    )
-}
-
-/// [`simd::value_accumulate_rows`] compiled for AVX2.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn value_accumulate_rows<const R: usize, const NC: usize, U: Unpack<Avx2>>(
-    codes: *const u8,
-    row_bytes: usize,
-    bits: u8,
-    tokens: usize,
-    c0: usize,
-    c1: usize,
-    w: *const f32,
-    w_stride: usize,
-    acc_out: *mut f32,
-    acc_stride: usize,
-) {
-    simd::value_accumulate_rows::<Avx2, U, R, NC>(
-        codes, row_bytes, bits, tokens, c0, c1, w, w_stride, acc_out, acc_stride,
-    )
-}
-
 macro_rules! dispatch_rows {
     ($f:ident, $rows:expr, $bits:expr, ($($arg:expr),*)) => {
         if $bits <= 3 {
@@ -190,14 +149,14 @@ macro_rules! dispatch_rows {
         match $rows {
             // R·NC accumulators plus the three unpack constants and temporaries stay
             // within the 16 ymm registers.
-            1 => $f::<1, 4, $u>($($arg),*),
-            2 => $f::<2, 3, $u>($($arg),*),
-            3 => $f::<3, 2, $u>($($arg),*),
-            4 => $f::<4, 2, $u>($($arg),*),
-            5 => $f::<5, 1, $u>($($arg),*),
-            6 => $f::<6, 1, $u>($($arg),*),
-            7 => $f::<7, 1, $u>($($arg),*),
-            8 => $f::<8, 1, $u>($($arg),*),
+            1 => simd::$f::<Avx2, $u, 1, 4>($($arg),*),
+            2 => simd::$f::<Avx2, $u, 2, 3>($($arg),*),
+            3 => simd::$f::<Avx2, $u, 3, 2>($($arg),*),
+            4 => simd::$f::<Avx2, $u, 4, 2>($($arg),*),
+            5 => simd::$f::<Avx2, $u, 5, 1>($($arg),*),
+            6 => simd::$f::<Avx2, $u, 6, 1>($($arg),*),
+            7 => simd::$f::<Avx2, $u, 7, 1>($($arg),*),
+            8 => simd::$f::<Avx2, $u, 8, 1>($($arg),*),
             n => unreachable!("row batches hold 1..=8 rows, got {n}"),
         }
     };
@@ -206,6 +165,7 @@ macro_rules! dispatch_rows {
 /// # Safety
 /// AVX2 and FMA must be available; the caller checked every index against the slices and
 /// that `codes` extends [`super::CODE_PADDING`] bytes past the last chunk start.
+#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn key_scores(
     codes: &[u8],
@@ -241,6 +201,7 @@ pub(super) unsafe fn key_scores(
 
 /// # Safety
 /// As [`key_scores`]; `channels.start` is a multiple of 8.
+#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn value_accumulate(
     codes: &[u8],

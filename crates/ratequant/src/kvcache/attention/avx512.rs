@@ -87,60 +87,19 @@ impl Unpack<Avx512> for ShuffleUnpack {
     }
 }
 
-/// [`simd::key_scores_rows`] compiled for AVX-512.
-#[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn key_scores_rows<const R: usize, const NC: usize>(
-    codes: *const u8,
-    slot_bytes: usize,
-    bits: u8,
-    c0: usize,
-    c1: usize,
-    t_begin: usize,
-    t_end: usize,
-    w: *const f32,
-    w_stride: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
-    simd::key_scores_rows::<Avx512, ShuffleUnpack, R, NC>(
-        codes, slot_bytes, bits, c0, c1, t_begin, t_end, w, w_stride, out, out_stride,
-    )
-}
-
-/// [`simd::value_accumulate_rows`] compiled for AVX-512.
-#[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn value_accumulate_rows<const R: usize, const NC: usize>(
-    codes: *const u8,
-    row_bytes: usize,
-    bits: u8,
-    tokens: usize,
-    c0: usize,
-    c1: usize,
-    w: *const f32,
-    w_stride: usize,
-    acc_out: *mut f32,
-    acc_stride: usize,
-) {
-    simd::value_accumulate_rows::<Avx512, ShuffleUnpack, R, NC>(
-        codes, row_bytes, bits, tokens, c0, c1, w, w_stride, acc_out, acc_stride,
-    )
-}
-
 macro_rules! dispatch_rows {
     ($f:ident, $rows:expr, ($($arg:expr),*)) => {
         match $rows {
             // R·NC accumulators plus the three unpack constants and temporaries stay
             // within the 32 zmm registers.
-            1 => $f::<1, 4>($($arg),*),
-            2 => $f::<2, 4>($($arg),*),
-            3 => $f::<3, 4>($($arg),*),
-            4 => $f::<4, 4>($($arg),*),
-            5 => $f::<5, 3>($($arg),*),
-            6 => $f::<6, 3>($($arg),*),
-            7 => $f::<7, 2>($($arg),*),
-            8 => $f::<8, 2>($($arg),*),
+            1 => simd::$f::<Avx512, ShuffleUnpack, 1, 4>($($arg),*),
+            2 => simd::$f::<Avx512, ShuffleUnpack, 2, 4>($($arg),*),
+            3 => simd::$f::<Avx512, ShuffleUnpack, 3, 4>($($arg),*),
+            4 => simd::$f::<Avx512, ShuffleUnpack, 4, 4>($($arg),*),
+            5 => simd::$f::<Avx512, ShuffleUnpack, 5, 3>($($arg),*),
+            6 => simd::$f::<Avx512, ShuffleUnpack, 6, 3>($($arg),*),
+            7 => simd::$f::<Avx512, ShuffleUnpack, 7, 2>($($arg),*),
+            8 => simd::$f::<Avx512, ShuffleUnpack, 8, 2>($($arg),*),
             n => unreachable!("row batches hold 1..=8 rows, got {n}"),
         }
     };
@@ -149,6 +108,7 @@ macro_rules! dispatch_rows {
 /// # Safety
 /// AVX-512 F and BW must be available; the caller checked every index against the slices and
 /// that `codes` extends [`super::CODE_PADDING`] bytes past the last chunk start.
+#[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn key_scores(
     codes: &[u8],
@@ -183,6 +143,7 @@ pub(super) unsafe fn key_scores(
 
 /// # Safety
 /// As [`key_scores`]; `channels.start` is a multiple of 8.
+#[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn value_accumulate(
     codes: &[u8],
