@@ -13,9 +13,11 @@
 //!   is again one broadcast-FMA per row.
 //!
 //! Eight consecutive codes always start on a byte boundary, whatever the bit-width, so one
-//! unpack sequence per bit-width (shuffle bytes, per-lane variable shift, mask, convert)
-//! serves all positions. Every code buffer keeps [`CODE_PADDING`] zero bytes past its end so
-//! that a chunk's vector load never crosses it.
+//! unpack sequence per bit-width (broadcast or shuffle bytes, per-lane mask, convert; lanes
+//! hold their code times a power of two, undone once per output vector: see `simd.rs`) serves
+//! all positions. The AVX2 and AVX-512 paths are one generic implementation over the vector
+//! width. Every code buffer keeps [`CODE_PADDING`] zero bytes past its end so that a chunk's
+//! vector load never crosses it.
 
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
