@@ -184,7 +184,10 @@ fn softmax_block_simd_equals_scalar_bit_for_bit() {
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 assert_eq!(want_max, max);
                 let sum: f64 = scores.iter().map(|&x| ((x - max) as f64).exp()).sum();
-                assert!((want_sum as f64 - sum).abs() <= 1e-5 * sum, "len {len}: sum {want_sum} vs {sum}");
+                assert!(
+                    (want_sum as f64 - sum).abs() <= 1e-5 * sum,
+                    "len {len}: sum {want_sum} vs {sum}"
+                );
             }
             for isa in Isa::available() {
                 let mut got = scores.clone();

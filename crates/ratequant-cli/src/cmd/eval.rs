@@ -10,9 +10,7 @@ use serde::Serialize;
 
 use ratequant::formats::Plan;
 use ratequant_llm::eval::{evaluate, EvalOptions, EvalReport, Protocol, QuantSetting};
-use ratequant_llm::{
-    KvQuantPlan, KvSpec, SimSemantics,
-};
+use ratequant_llm::{KvQuantPlan, KvSpec, SimSemantics};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {

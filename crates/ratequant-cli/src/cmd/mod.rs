@@ -32,8 +32,7 @@ pub fn load_model_and_texts(
     check: impl FnOnce(&ModelConfig) -> Result<()>,
 ) -> Result<ModelAndTexts> {
     let cache = AssetCache::from_env();
-    let loaded =
-        load_model(model, &cache).with_context(|| format!("loading model `{model}`"))?;
+    let loaded = load_model(model, &cache).with_context(|| format!("loading model `{model}`"))?;
     check(&loaded.config)?;
     let tokens = texts
         .iter()

@@ -16,9 +16,7 @@ use ratequant::quant::QuantizerSpec;
 use ratequant_llm::calibrate::available_memory;
 use ratequant_llm::eval::{chunk_tokens, percentile, score_chunk, NllStats, Protocol};
 use ratequant_llm::text::TextSpec;
-use ratequant_llm::{
-    Decoder, FpCache, KvCache, KvQuantPlan, SimQuantCache,
-};
+use ratequant_llm::{Decoder, FpCache, KvCache, KvQuantPlan, SimQuantCache};
 
 use super::calibrate::{
     calibrate_designs, design_label, fit_options, parse_designs, progress_bar, CalibrationSettings,

@@ -457,7 +457,13 @@ pub fn dot_fused(a: &[f32], b: &[f32]) -> f32 {
 
 #[inline(always)]
 fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let madd = |x: f32, y: f32, acc: f32| if FUSED { x.mul_add(y, acc) } else { acc + x * y };
+    let madd = |x: f32, y: f32, acc: f32| {
+        if FUSED {
+            x.mul_add(y, acc)
+        } else {
+            acc + x * y
+        }
+    };
     let mut sums = [0.0f32; 8];
     let (mut a, mut b) = (a, b);
     if a.len() >= LONG_DOT {

@@ -257,8 +257,7 @@ pub(super) unsafe fn value_accumulate_rows<
     let end = c0 + (c1 - c0).div_ceil(n) * n;
     let mut ch = c0;
     while ch + NC * n <= end {
-        let acc =
-            value_pass::<S, U, R, NC>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
+        let acc = value_pass::<S, U, R, NC>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
         add_values::<S, R, NC>(scale, &acc, ch, c1, acc_out, acc_stride);
         ch += NC * n;
     }
