@@ -142,8 +142,6 @@ pub fn estimate_memory(config: &ModelConfig, sequences: usize, ctx: usize) -> Me
     }
 }
 
-pub use crate::sysmem::available_memory;
-
 /// Refuses when `estimate` exceeds 90% of `available` (keeping room for the weights' growth
 /// and the allocator).
 pub fn check_memory(

@@ -17,8 +17,9 @@ use ratequant::kvfile::write_kv_file;
 use ratequant::plan::{make_plan, PlanOptions, Policy};
 use ratequant::quant::{self, Quantizer, QuantizerSpec};
 use ratequant_llm::calibrate::{
-    available_memory, calibration_sequences, capture, check_memory, estimate_memory, CalibrateError,
+    calibration_sequences, capture, check_memory, estimate_memory, CalibrateError,
 };
+use ratequant_llm::sysmem::available_memory;
 use ratequant_llm::{Decoder, ModelConfig};
 
 #[derive(Debug, Args)]

@@ -11,7 +11,9 @@ pub mod sweep;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use ratequant_llm::{load_model, load_text, AssetCache, Decoder, LoadedModel, ModelConfig};
+use ratequant_llm::{
+    load_model, load_text, AssetCache, Decoder, LoadedModel, ModelConfig, Tokenizer,
+};
 
 /// A decoder ready to run on tokenized texts.
 pub struct ModelAndTexts {
@@ -57,7 +59,7 @@ pub fn load_model_and_texts(
 
 /// Builds the decoder and drops the loaded weights (the decoder holds its own tensors, so
 /// keeping both would hold the model twice); returns it with the tokenizer.
-pub fn build_decoder(model: LoadedModel) -> Result<(Decoder, ratequant_llm::Tokenizer)> {
+pub fn build_decoder(model: LoadedModel) -> Result<(Decoder, Tokenizer)> {
     let decoder = Decoder::new(&model.config, &model.weights).context("building the decoder")?;
     Ok((decoder, model.tokenizer))
 }

@@ -13,8 +13,8 @@ use ratequant::bits::BitList;
 use ratequant::formats::{Calib, Plan};
 use ratequant::plan::{make_plan, PlanOptions, Policy};
 use ratequant::quant::QuantizerSpec;
-use ratequant_llm::calibrate::available_memory;
 use ratequant_llm::eval::{chunk_tokens, percentile, score_chunk, NllStats, Protocol};
+use ratequant_llm::sysmem::available_memory;
 use ratequant_llm::text::TextSpec;
 use ratequant_llm::{Decoder, FpCache, KvCache, KvQuantPlan, SimQuantCache};
 

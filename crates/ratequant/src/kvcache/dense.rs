@@ -140,7 +140,7 @@ impl<T: DenseElement> DenseLayerCache<T> {
                     return unsafe { self.task_avx2(h, qh, rows, a, b) };
                 }
                 let _ = avx2;
-                self.task(h, qh, rows, a, b)
+                self.task(Isa::Scalar, h, qh, rows, a, b)
             })
             .collect();
         let mut out = vec![0.0f32; heads * d];
@@ -181,12 +181,15 @@ impl<T: DenseElement> DenseLayerCache<T> {
         a: usize,
         b: usize,
     ) -> (Vec<SoftmaxPart>, Vec<f32>) {
-        self.task(h, q, rows, a, b)
+        self.task(Isa::Avx2, h, q, rows, a, b)
     }
 
+    /// `isa`: the softmax's instruction set, the same as the packed cache runs, so that
+    /// benchmarks compare the caches.
     #[inline(always)]
     fn task(
         &self,
+        isa: Isa,
         h: usize,
         q: &[f32],
         rows: usize,
@@ -197,8 +200,6 @@ impl<T: DenseElement> DenseLayerCache<T> {
         let len = b - a;
         let mut scores = vec![0.0f32; rows * len];
         let mut buf = vec![0.0f32; T::scratch(F16_SUB_BLOCK * d)];
-        // The same softmax as the packed cache runs, so that benchmarks compare the caches.
-        let isa = Isa::detect();
         let keys = &self.k[h];
         let values = &self.v[h];
         let mut t0 = a;

@@ -705,7 +705,8 @@ fn run_task<const F16C: bool>(
     for pos in a.max(kq)..b {
         let row = view.k_fp.row(pos, d);
         for r in 0..rows {
-            scores[r * len + pos - a] = dot::<F16C>(&prep.q[r * d..(r + 1) * d], row);
+            scores[r * len + pos - a] =
+                attention::dot_with::<F16C>(&prep.q[r * d..(r + 1) * d], row);
         }
     }
     let softmax: Vec<SoftmaxPart> = scores
@@ -739,16 +740,6 @@ fn run_task<const F16C: bool>(
         softmax,
         acc_q,
         acc_fp,
-    }
-}
-
-/// A dot product, fused where the glue runs with FMA.
-#[inline(always)]
-fn dot<const F16C: bool>(a: &[f32], b: &[f32]) -> f32 {
-    if F16C {
-        attention::dot_fused(a, b)
-    } else {
-        attention::dot(a, b)
     }
 }
 
@@ -830,7 +821,7 @@ fn packed_key_scores<const F16C: bool>(
                 for ((w, q), s) in wr.iter_mut().zip(qr).zip(sb) {
                     *w = q * s;
                 }
-                *b = dot::<F16C>(qr, zb);
+                *b = attention::dot_with::<F16C>(qr, zb);
             }
             attention::key_scores(
                 isa,
@@ -919,7 +910,7 @@ fn packed_values<const F16C: bool>(
         for r in 0..rows {
             let p = &probs[r * len..r * len + n];
             ps.extend(p.iter().zip(&s).map(|(&pp, &sc)| pp * sc));
-            let zero_part = dot::<F16C>(p, &z);
+            let zero_part = attention::dot_with::<F16C>(p, &z);
             for x in &mut acc[r * d + c0..r * d + c1] {
                 *x += zero_part;
             }

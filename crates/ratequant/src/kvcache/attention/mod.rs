@@ -442,21 +442,16 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(_mm256_castsi256_ps(pow2), poly)
 }
 
-/// `Σ_c a[c]·b[c]` in eight (short) or 32 (long) partial sums, so that it vectorises.
+/// `Σ_c a[c]·b[c]` with eight partial sums, so that it vectorises.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_with::<false>(a, b)
 }
 
-/// [`dot`] with fused multiply-adds: for glue compiled with FMA enabled, where `mul_add` is
-/// one instruction (elsewhere it is a slow exact software routine).
+/// [`dot`], with fused multiply-adds when `FUSED`: for glue compiled with FMA enabled, where
+/// `mul_add` is one instruction (elsewhere it is a slow exact software routine).
 #[inline(always)]
-pub fn dot_fused(a: &[f32], b: &[f32]) -> f32 {
-    dot_with::<true>(a, b)
-}
-
-#[inline(always)]
-fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let madd = |x: f32, y: f32, acc: f32| {
         if FUSED {
             x.mul_add(y, acc)
@@ -465,28 +460,6 @@ fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
         }
     };
     let mut sums = [0.0f32; 8];
-    let (mut a, mut b) = (a, b);
-    if a.len() >= LONG_DOT {
-        // Four independent groups of eight partial sums: with one group, a long dot product
-        // waits on the add latency at every step. (Short ones are faster without the extra
-        // reduction.)
-        let mut groups = [[0.0f32; 8]; 4];
-        let mut ca = a.chunks_exact(32);
-        let mut cb = b.chunks_exact(32);
-        for (x, y) in (&mut ca).zip(&mut cb) {
-            for (j, g) in groups.iter_mut().enumerate() {
-                for i in 0..8 {
-                    g[i] = madd(x[8 * j + i], y[8 * j + i], g[i]);
-                }
-            }
-        }
-        for g in &groups {
-            for i in 0..8 {
-                sums[i] += g[i];
-            }
-        }
-        (a, b) = (ca.remainder(), cb.remainder());
-    }
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
@@ -500,9 +473,6 @@ fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     }
     sums.iter().sum::<f32>() + tail
 }
-
-/// Length from which [`dot`] keeps four groups of partial sums.
-const LONG_DOT: usize = 256;
 
 /// `acc[c] += w·x[c]`.
 #[inline(always)]
