@@ -9,7 +9,7 @@
 //! that bandwidth (the bound), as a fraction of the measured time. Beside it the compute
 //! bound: the step's multiply-adds (`2 · heads · tokens · head_dim`, the same for every cache:
 //! the packed kernels compute in f32 on unpacked codes) at this machine's measured peak rate
-//! of 8-wide FMAs on the same threads.
+//! of FMAs on the same threads, at the vector width the kernels use (16 lanes with AVX-512).
 //!
 //! `RATEQUANT_BENCH_CONTEXTS=1024,16384` limits the contexts;
 //! `RATEQUANT_BENCH_QUANTIZER=kivi:g=128` changes the design;
@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use ratequant::kvcache::dense::DenseLayerCache;
 use ratequant::kvcache::{
-    AttentionParams, CacheShape, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
+    AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
 };
 use ratequant::quant::QuantizerSpec;
 
@@ -143,32 +143,41 @@ fn read_bandwidth() -> f64 {
     (buf.len() * 4) as f64 / best
 }
 
-/// Peak multiply-adds per second on the pool's threads: ten independent chains of 8-wide
-/// FMAs per thread, the best of several runs. NaN where the CPU lacks AVX2/FMA.
+/// Peak multiply-adds per second on the pool's threads: ten independent chains of FMAs per
+/// thread at the widest vector the kernels run on (16 lanes with AVX-512, else 8), the best of
+/// several runs. NaN where the CPU lacks AVX2/FMA.
 fn fma_rate() -> f64 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         const ITERS: usize = 20_000_000;
+        let wide = Isa::detect() == Isa::Avx512;
+        let lanes = if wide { 16 } else { 8 };
         let threads = rayon::current_num_threads();
         let mut best = f64::INFINITY;
         for _ in 0..5 {
             let start = Instant::now();
             let total: f32 = (0..threads)
                 .into_par_iter()
-                // SAFETY: AVX2 and FMA detected above.
-                .map(|_| unsafe { fma_chains(ITERS) })
+                // SAFETY: AVX2 and FMA detected above, AVX-512 F where `wide`.
+                .map(|_| unsafe {
+                    if wide {
+                        fma_chains_16(ITERS)
+                    } else {
+                        fma_chains_8(ITERS)
+                    }
+                })
                 .sum();
             black_box(total);
             best = best.min(start.elapsed().as_secs_f64());
         }
-        return (threads * ITERS * 10 * 8) as f64 / best;
+        return (threads * ITERS * 10 * lanes) as f64 / best;
     }
     f64::NAN
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chains(iters: usize) -> f32 {
+unsafe fn fma_chains_8(iters: usize) -> f32 {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); 10];
     let x = _mm256_set1_ps(0.999_9);
@@ -183,6 +192,25 @@ unsafe fn fma_chains(iters: usize) -> f32 {
         sum = _mm256_add_ps(sum, a);
     }
     _mm256_cvtss_f32(black_box(sum))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_16(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 10];
+    let x = _mm512_set1_ps(0.999_9);
+    let y = _mm512_set1_ps(1e-3);
+    for _ in 0..iters {
+        for a in &mut acc {
+            *a = _mm512_fmadd_ps(*a, x, y);
+        }
+    }
+    let mut sum = _mm512_setzero_ps();
+    for a in acc {
+        sum = _mm512_add_ps(sum, a);
+    }
+    _mm512_reduce_add_ps(black_box(sum))
 }
 
 fn sum8(x: &[f32]) -> f32 {
