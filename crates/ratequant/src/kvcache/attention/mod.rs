@@ -452,6 +452,13 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `mul_add` is one instruction (elsewhere it is a slow exact software routine).
 #[inline(always)]
 pub fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+    // The check is a cached flag: it keeps this safe function sound if it is ever called with
+    // `FUSED` on a CPU without FMA.
+    #[cfg(target_arch = "x86_64")]
+    if FUSED && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { dot_fma(a, b) };
+    }
     let madd = |x: f32, y: f32, acc: f32| {
         if FUSED {
             x.mul_add(y, acc)
@@ -470,6 +477,30 @@ pub fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut tail = 0.0;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
         tail = madd(*x, *y, tail);
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// [`dot_with::<true>`] in AVX2, operation for operation: lane `i` is `sums[i]`, so the result
+/// is bit-identical (the compiler turns the array of `mul_add`s into scalar and 2-wide code).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
+        i += 8;
+    }
+    let mut sums = [0.0f32; 8];
+    _mm256_storeu_ps(sums.as_mut_ptr(), acc);
+    let mut tail = 0.0f32;
+    for j in i..n {
+        tail = a[j].mul_add(b[j], tail);
     }
     sums.iter().sum::<f32>() + tail
 }

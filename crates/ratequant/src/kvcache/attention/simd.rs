@@ -159,6 +159,13 @@ pub(super) unsafe fn key_scores_rows<S: Simd, U: Unpack<S>, const R: usize, cons
         store_scores::<S, R, NC>(scale, &acc, t0, t_begin, t_end, out, out_stride);
         t0 += NC * n;
     }
+    // Pairs of chunks before single ones: a 32-token KIVI block is two AVX-512 chunks, and a
+    // single chunk leaves only R accumulators, too few to hide the FMA latency.
+    while NC > 2 && t0 + 2 * n <= end {
+        let acc = key_pass::<S, U, R, 2>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
+        store_scores::<S, R, 2>(scale, &acc, t0, t_begin, t_end, out, out_stride);
+        t0 += 2 * n;
+    }
     while t0 < t_end {
         let acc = key_pass::<S, U, R, 1>(&unpack, codes, slot_bytes, b, c0, c1, t0, w, w_stride);
         store_scores::<S, R, 1>(scale, &acc, t0, t_begin, t_end, out, out_stride);
@@ -260,6 +267,12 @@ pub(super) unsafe fn value_accumulate_rows<
         let acc = value_pass::<S, U, R, NC>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
         add_values::<S, R, NC>(scale, &acc, ch, c1, acc_out, acc_stride);
         ch += NC * n;
+    }
+    // Pairs before single chunks, as for keys (a 32-channel value group is two AVX-512 chunks).
+    while NC > 2 && ch + 2 * n <= end {
+        let acc = value_pass::<S, U, R, 2>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
+        add_values::<S, R, 2>(scale, &acc, ch, c1, acc_out, acc_stride);
+        ch += 2 * n;
     }
     while ch < c1 {
         let acc = value_pass::<S, U, R, 1>(&unpack, codes, row_bytes, b, tokens, ch, w, w_stride);
