@@ -83,7 +83,7 @@ impl ModelConfig {
     /// Whether `layer` uses sliding-window attention.
     pub fn is_sliding(&self, layer: usize) -> bool {
         match (self.sliding_window, self.sliding_window_pattern) {
-            (Some(_), Some(n)) if n > 0 => (layer + 1) % n != 0,
+            (Some(_), Some(n)) if n > 0 => !(layer + 1).is_multiple_of(n),
             (Some(_), None) => true,
             _ => false,
         }

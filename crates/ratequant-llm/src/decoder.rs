@@ -414,13 +414,13 @@ fn check_config(c: &ModelConfig) -> Result<()> {
             c.num_layers, c.hidden_size, c.vocab_size, c.intermediate_size
         ));
     }
-    if c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
+    if c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
         return fail(format!(
             "{} query heads are not a multiple of {} KV heads",
             c.num_heads, c.num_kv_heads
         ));
     }
-    if c.head_dim == 0 || c.head_dim % 2 != 0 {
+    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
         return fail(format!(
             "head_dim {} must be even and positive (RoPE rotates pairs)",
             c.head_dim

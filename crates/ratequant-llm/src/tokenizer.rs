@@ -349,7 +349,7 @@ impl Tokenizer {
                         _ => Err(err(format!("tokenizer.ggml.merges[{i}] is not a string"))),
                     })
                     .collect::<Result<_>>()?;
-                let bpe = build_byte_level_bpe(&vocab, merges, &pre).map_err(|e| err(e))?;
+                let bpe = build_byte_level_bpe(&vocab, merges, &pre).map_err(&err)?;
                 (GgufModel::ByteLevelBpe(Box::new(bpe)), false)
             }
             "llama" => {

@@ -136,7 +136,7 @@ fn read_bandwidth() -> f64 {
     let mut best = f64::INFINITY;
     for _ in 0..7 {
         let start = Instant::now();
-        let total: f32 = buf.par_chunks(chunk).map(|c| sum8(c)).sum();
+        let total: f32 = buf.par_chunks(chunk).map(sum8).sum();
         black_box(total);
         best = best.min(start.elapsed().as_secs_f64());
     }

@@ -161,7 +161,7 @@ mod tests {
         assert_eq!(BitList::parse("1-3, 5").unwrap().as_slice(), &[1, 2, 3, 5]);
         assert_eq!(BitList::parse("1-3,5").unwrap().to_string(), "1-3,5");
         assert_eq!(BitList::parse("2,4,8").unwrap().to_string(), "2,4,8");
-        assert!(BitList::parse("1-3,5").unwrap().is_consecutive() == false);
+        assert!(!BitList::parse("1-3,5").unwrap().is_consecutive());
         assert!(BitList::parse("2-4").unwrap().is_consecutive());
     }
 

@@ -112,7 +112,7 @@ impl<T: DenseElement> DenseLayerCache<T> {
     /// stored token, softmax scale `scale`.
     pub fn attend_last(&self, q: &[f32], heads: usize, scale: f32) -> Result<Vec<f32>> {
         let d = self.head_dim;
-        if heads == 0 || heads % self.kv_heads != 0 || q.len() != heads * d {
+        if heads == 0 || !heads.is_multiple_of(self.kv_heads) || q.len() != heads * d {
             return Err(Error::invalid(format!(
                 "dense cache: q must be [heads, {d}] with heads a multiple of {}, got {} values for {heads} heads",
                 self.kv_heads,
