@@ -175,43 +175,48 @@ fn fma_rate() -> f64 {
     f64::NAN
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chains_8(iters: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); 10];
-    let x = _mm256_set1_ps(0.999_9);
-    let y = _mm256_set1_ps(1e-3);
-    for _ in 0..iters {
-        for a in &mut acc {
-            *a = _mm256_fmadd_ps(*a, x, y);
+/// Ten independent FMA chains of one vector width, `iters` steps each.
+macro_rules! fma_chains {
+    ($name:ident, $features:literal, $zero:ident, $set1:ident, $fmadd:ident, $add:ident, $first:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(iters: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let mut acc = [$zero(); 10];
+            let x = $set1(0.999_9);
+            let y = $set1(1e-3);
+            for _ in 0..iters {
+                for a in &mut acc {
+                    *a = $fmadd(*a, x, y);
+                }
+            }
+            let mut sum = $zero();
+            for a in acc {
+                sum = $add(sum, a);
+            }
+            $first(black_box(sum))
         }
-    }
-    let mut sum = _mm256_setzero_ps();
-    for a in acc {
-        sum = _mm256_add_ps(sum, a);
-    }
-    _mm256_cvtss_f32(black_box(sum))
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_chains_16(iters: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); 10];
-    let x = _mm512_set1_ps(0.999_9);
-    let y = _mm512_set1_ps(1e-3);
-    for _ in 0..iters {
-        for a in &mut acc {
-            *a = _mm512_fmadd_ps(*a, x, y);
-        }
-    }
-    let mut sum = _mm512_setzero_ps();
-    for a in acc {
-        sum = _mm512_add_ps(sum, a);
-    }
-    _mm512_reduce_add_ps(black_box(sum))
-}
+fma_chains!(
+    fma_chains_8,
+    "avx2,fma",
+    _mm256_setzero_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_add_ps,
+    _mm256_cvtss_f32
+);
+fma_chains!(
+    fma_chains_16,
+    "avx512f",
+    _mm512_setzero_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_add_ps,
+    _mm512_cvtss_f32
+);
 
 fn sum8(x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
