@@ -459,6 +459,13 @@ pub fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: AVX2 and FMA were detected.
         return unsafe { dot_fma(a, b) };
     }
+    dot_lanes::<FUSED>(a, b)
+}
+
+/// The definition of [`dot_with`]: eight partial sums over whole chunks of eight, a tail over
+/// the remainders, then the lanes summed in order.
+#[inline(always)]
+fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let madd = |x: f32, y: f32, acc: f32| {
         if FUSED {
             x.mul_add(y, acc)
@@ -481,26 +488,27 @@ pub fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + tail
 }
 
-/// [`dot_with::<true>`] in AVX2, operation for operation: lane `i` is `sums[i]`, so the result
-/// is bit-identical (the compiler turns the array of `mul_add`s into scalar and 2-wide code).
+/// [`dot_lanes::<true>`] in AVX2, operation for operation (vector lane `i` is `sums[i]`), so
+/// the result is bit-identical; the compiler turns the array of `mul_add`s into scalar and
+/// 2-wide code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
+    let chunks = (a.len() / 8).min(b.len() / 8);
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
+    for k in 0..chunks {
+        let i = 8 * k;
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
-        i += 8;
     }
     let mut sums = [0.0f32; 8];
     _mm256_storeu_ps(sums.as_mut_ptr(), acc);
     let mut tail = 0.0f32;
-    for j in i..n {
-        tail = a[j].mul_add(b[j], tail);
+    let (ra, rb) = (&a[a.len() / 8 * 8..], &b[b.len() / 8 * 8..]);
+    for (x, y) in ra.iter().zip(rb) {
+        tail = x.mul_add(*y, tail);
     }
     sums.iter().sum::<f32>() + tail
 }
@@ -541,5 +549,40 @@ impl SoftmaxPart {
             fa,
             fb,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 dot product equals its definition bit for bit, for every length around the
+    /// chunk size and for operands of unequal length (chunks and tails pair up as the
+    /// definition pairs them).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn dot_fma_equals_dot_lanes_bit_for_bit() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("no AVX2/FMA: nothing to compare");
+            return;
+        }
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+        };
+        let a: Vec<f32> = (0..80).map(|_| next()).collect();
+        let b: Vec<f32> = (0..80).map(|_| next()).collect();
+        for la in 0..=40usize {
+            for lb in [la, la + 1, la + 7, la + 8, la.saturating_sub(3)] {
+                let (x, y) = (&a[..la], &b[..lb]);
+                let want = dot_lanes::<true>(x, y);
+                // SAFETY: AVX2 and FMA were detected.
+                let got = unsafe { dot_fma(x, y) };
+                assert_eq!(want.to_bits(), got.to_bits(), "lengths {la} and {lb}");
+            }
+        }
     }
 }
