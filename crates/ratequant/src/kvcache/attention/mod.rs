@@ -19,9 +19,13 @@
 //! width. Every code buffer keeps [`CODE_PADDING`] zero bytes past its end so that a chunk's
 //! vector load never crosses it.
 
+pub mod int8;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+
+#[cfg(target_arch = "x86_64")]
+mod int8_avx512;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

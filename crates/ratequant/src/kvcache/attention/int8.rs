@@ -1,0 +1,460 @@
+//! The integer attention kernels (the cache's opt-in [`crate::kvcache::AttentionKernel::Int8`]):
+//! dot products of unsigned codes with signed 8-bit weights, summed exactly in 32-bit integers,
+//! the operation of AVX-512 VNNI's `vpdpbusd` (64 multiply-adds per instruction, against 16 for
+//! an f32 FMA on codes that must first be unpacked and converted).
+//!
+//! The float kernels in [`super`] cannot reach the bandwidth bound on a CPU: every 16 codes
+//! cost a shuffle, a mask and a conversion beside their FMAs, on the same ports. Here a code
+//! is used where it lies in its byte (one mask, sometimes one shift, per 64 bytes), so the
+//! codes must sit where `vpdpbusd` wants them: the four bytes of a 32-bit lane hold four
+//! consecutive elements of the *reduction* axis for one output lane.
+//!
+//! ## Tile layout
+//! A `b`-bit code is split into *bit planes* of width 8, 4, 2 or 1 ([`planes`]: 3 = 2 + 1,
+//! 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), so every plane's sub-codes divide a byte evenly and
+//! the memory is exactly `b` bits per element. A plane of width `w` packs `m = 8/w` sub-codes
+//! per byte; one 64-byte *line* holds 16 output lanes × `4m` reduction elements: byte
+//! `4·lane + j`, bits `k·w .. (k+1)·w`, hold reduction element `4k + j` of the line. Masking
+//! (and shifting) sub-plane `k` out of a loaded line gives 16 lanes × 4 elements, ready for
+//! one `vpdpbusd` against the 4 weights `4k .. 4k+4` broadcast to every lane.
+//! * keys: a *key tile* is 16 tokens (the lanes) × `head_dim` channels (the reduction); plane
+//!   at bit offset `o` starts at byte `2·head_dim·o`, its lines run along channels. Tile bytes
+//!   `2·head_dim·b`.
+//! * values: a *value tile* is 32 tokens (the reduction) × `head_dim` channels in groups of 16
+//!   (the lanes); lane group `g`'s plane at offset `o` starts at byte `64·(g·b + o)`, its lines
+//!   run along tokens. Tile bytes `4·head_dim·b`.
+//!
+//! Layout constraints (checked when a cache is built, see [`check_layout`]): `head_dim` a
+//! multiple of 32; per-channel key groups a multiple of 16 tokens; per-token channel groups
+//! a multiple of 32 (keys: whole lines of every plane) or 16 (values: whole lane groups).
+//!
+//! The scalar functions here are the definition; the AVX-512 VNNI ones must equal them bit for
+//! bit (the sums are exact integers, and the one float step is the same fused multiply-add).
+
+use std::ops::Range;
+
+/// Tokens per key tile (the lanes of one vector).
+pub const KEY_TILE_TOKENS: usize = 16;
+/// Tokens per value tile (the reduction run of the widest line, 4 × 8 one-bit sub-planes).
+pub const VALUE_TILE_TOKENS: usize = 32;
+
+/// The bit planes of a `bits`-wide code as `(width, offset)`, lowest bits first: the code is
+/// `Σ sub_code << offset`. At most 3 planes.
+pub fn planes(bits: u8) -> impl Iterator<Item = (u8, u8)> + Clone {
+    let widths: &[u8] = match bits {
+        8 => &[8],
+        7 => &[4, 2, 1],
+        6 => &[4, 2],
+        5 => &[4, 1],
+        4 => &[4],
+        3 => &[2, 1],
+        2 => &[2],
+        1 => &[1],
+        _ => &[],
+    };
+    widths.iter().scan(0u8, |off, &w| {
+        let at = *off;
+        *off += w;
+        Some((w, at))
+    })
+}
+
+/// Byte and bit shift of reduction element `red` of output lane `lane` in a plane of width `w`.
+#[inline(always)]
+fn position(w: u8, lane: usize, red: usize) -> (usize, u32) {
+    let per_line = 32 / w as usize;
+    let (line, r) = (red / per_line, red % per_line);
+    (line * 64 + lane * 4 + r % 4, (r / 4) as u32 * w as u32)
+}
+
+pub fn key_tile_bytes(head_dim: usize, bits: u8) -> usize {
+    2 * head_dim * bits as usize
+}
+
+pub fn value_tile_bytes(head_dim: usize, bits: u8) -> usize {
+    4 * head_dim * bits as usize
+}
+
+/// Bit locations of `(token t < 16, channel c)`'s planes in a key tile.
+fn key_positions(head_dim: usize, bits: u8, t: usize, c: usize) -> impl Iterator<Item = (u8, u8, usize, u32)> {
+    planes(bits).map(move |(w, off)| {
+        let (byte, shift) = position(w, t, c);
+        (w, off, 2 * head_dim * off as usize + byte, shift)
+    })
+}
+
+/// Bit locations of `(token t < 32, channel c)`'s planes in a value tile.
+fn value_positions(bits: u8, t: usize, c: usize) -> impl Iterator<Item = (u8, u8, usize, u32)> {
+    let lane_group = c / 16;
+    planes(bits).map(move |(w, off)| {
+        let (byte, shift) = position(w, c % 16, t);
+        (w, off, 64 * (lane_group * bits as usize + off as usize) + byte, shift)
+    })
+}
+
+/// Writes `code` for `(token t, channel c)` into a zero-initialised key tile.
+pub fn put_key_code(tile: &mut [u8], head_dim: usize, bits: u8, t: usize, c: usize, code: u8) {
+    for (w, off, byte, shift) in key_positions(head_dim, bits, t, c) {
+        tile[byte] |= ((code >> off) & mask(w)) << shift;
+    }
+}
+
+/// Writes `code` for `(token t, channel c)` into a zero-initialised value tile.
+pub fn put_value_code(tile: &mut [u8], bits: u8, t: usize, c: usize, code: u8) {
+    for (w, off, byte, shift) in value_positions(bits, t, c) {
+        tile[byte] |= ((code >> off) & mask(w)) << shift;
+    }
+}
+
+pub fn key_code(tile: &[u8], head_dim: usize, bits: u8, t: usize, c: usize) -> u8 {
+    key_positions(head_dim, bits, t, c)
+        .map(|(w, off, byte, shift)| ((tile[byte] >> shift) & mask(w)) << off)
+        .sum()
+}
+
+pub fn value_code(tile: &[u8], bits: u8, t: usize, c: usize) -> u8 {
+    value_positions(bits, t, c)
+        .map(|(w, off, byte, shift)| ((tile[byte] >> shift) & mask(w)) << off)
+        .sum()
+}
+
+fn mask(w: u8) -> u8 {
+    if w == 8 {
+        0xFF
+    } else {
+        (1u8 << w) - 1
+    }
+}
+
+/// Why a layout can't be tiled, if it can't: `head_dim`, the design's group and whether the
+/// group runs along tokens (per-channel keys).
+pub fn check_layout(head_dim: usize, group: usize, per_channel: bool, is_key: bool) -> Result<(), String> {
+    if !head_dim.is_multiple_of(32) {
+        return Err(format!("int8 attention needs head_dim a multiple of 32, got {head_dim}"));
+    }
+    if per_channel {
+        if !group.is_multiple_of(KEY_TILE_TOKENS) {
+            return Err(format!(
+                "int8 attention needs per-channel key groups of a multiple of {KEY_TILE_TOKENS} tokens, got g={group}"
+            ));
+        }
+    } else {
+        let unit = if is_key { 32 } else { 16 };
+        if group < head_dim && !group.is_multiple_of(unit) {
+            let what = if is_key { "key" } else { "value" };
+            return Err(format!(
+                "int8 attention needs per-token {what} channel groups of a multiple of {unit} channels (or the whole head), got g={group}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the VNNI kernels can run here (AVX-512 F, BW and VNNI).
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Key scores in integers: for `tiles` consecutive key tiles at `codes` and `r < rows`,
+/// `out[r·out_stride + 16·tile + t] = Σ_{c ∈ channels} q[r·q_stride + c] · code(tile, t, c)`.
+/// `channels` must start and end on multiples of 32 (or at `head_dim`).
+#[allow(clippy::too_many_arguments)]
+pub fn key_dot(
+    vnni: bool,
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    channels: Range<usize>,
+    q: &[i8],
+    q_stride: usize,
+    rows: usize,
+    out: &mut [i32],
+    out_stride: usize,
+) {
+    if rows == 0 || tiles == 0 {
+        return;
+    }
+    assert!((1..=8).contains(&bits), "key_dot: bits {bits} outside 1..=8");
+    assert!(
+        channels.start.is_multiple_of(32)
+            && (channels.end.is_multiple_of(32) || channels.end == head_dim)
+            && channels.end <= head_dim,
+        "key_dot: channels {channels:?} not aligned to lines"
+    );
+    assert!(codes.len() >= tiles * key_tile_bytes(head_dim, bits), "key_dot: codes too short");
+    assert!(q.len() >= (rows - 1) * q_stride + channels.end, "key_dot: query too short");
+    assert!(
+        out.len() >= (rows - 1) * out_stride + tiles * KEY_TILE_TOKENS,
+        "key_dot: output too short"
+    );
+    for r0 in (0..rows).step_by(super::MAX_ROWS) {
+        let n = super::MAX_ROWS.min(rows - r0);
+        let q = &q[r0 * q_stride..];
+        let out = &mut out[r0 * out_stride..];
+        #[cfg(target_arch = "x86_64")]
+        if vnni && vnni_available() {
+            // SAFETY: features checked; bounds asserted above.
+            unsafe {
+                super::int8_avx512::key_dot(
+                    codes, tiles, head_dim, bits, channels.clone(), q, q_stride, n, out,
+                    out_stride,
+                )
+            };
+            continue;
+        }
+        let _ = vnni;
+        for r in 0..n {
+            for tile in 0..tiles {
+                let t_codes = &codes[tile * key_tile_bytes(head_dim, bits)..];
+                for t in 0..KEY_TILE_TOKENS {
+                    let mut sum = 0i32;
+                    for c in channels.clone() {
+                        sum += q[r * q_stride + c] as i32 * key_code(t_codes, head_dim, bits, t, c) as i32;
+                    }
+                    out[r * out_stride + tile * KEY_TILE_TOKENS + t] = sum;
+                }
+            }
+        }
+    }
+}
+
+/// Value accumulation in integers: for `tiles` consecutive value tiles at `codes`, `r < rows`,
+/// `c ∈ channels`, tile by tile in order:
+/// `acc[r·acc_stride + c] = (Σ_{t<32} w[r·w_stride + 32·tile + t] · code(tile, t, c)) as f32
+///  · scale[r·scale_stride + tile] + acc[…]` (one fused multiply-add per tile).
+/// `w` holds non-negative weights (`0..=127`); `channels` starts and ends on multiples of 16.
+#[allow(clippy::too_many_arguments)]
+pub fn value_accumulate(
+    vnni: bool,
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    channels: Range<usize>,
+    w: &[i8],
+    w_stride: usize,
+    scale: &[f32],
+    scale_stride: usize,
+    rows: usize,
+    acc: &mut [f32],
+    acc_stride: usize,
+) {
+    if rows == 0 || tiles == 0 {
+        return;
+    }
+    assert!((1..=8).contains(&bits), "value_accumulate: bits {bits} outside 1..=8");
+    assert!(
+        channels.start.is_multiple_of(16)
+            && channels.end.is_multiple_of(16)
+            && channels.end <= head_dim,
+        "value_accumulate: channels {channels:?} not aligned to lane groups"
+    );
+    assert!(
+        codes.len() >= tiles * value_tile_bytes(head_dim, bits),
+        "value_accumulate: codes too short"
+    );
+    assert!(
+        w.len() >= (rows - 1) * w_stride + tiles * VALUE_TILE_TOKENS,
+        "value_accumulate: weights too short"
+    );
+    assert!(
+        scale.len() >= (rows - 1) * scale_stride + tiles,
+        "value_accumulate: scales too short"
+    );
+    assert!(
+        acc.len() >= (rows - 1) * acc_stride + channels.end,
+        "value_accumulate: accumulator too short"
+    );
+    for r0 in (0..rows).step_by(super::MAX_ROWS) {
+        let n = super::MAX_ROWS.min(rows - r0);
+        let (w, scale) = (&w[r0 * w_stride..], &scale[r0 * scale_stride..]);
+        let acc = &mut acc[r0 * acc_stride..];
+        #[cfg(target_arch = "x86_64")]
+        if vnni && vnni_available() {
+            // SAFETY: features checked; bounds asserted above.
+            unsafe {
+                super::int8_avx512::value_accumulate(
+                    codes, tiles, head_dim, bits, channels.clone(), w, w_stride, scale,
+                    scale_stride, n, acc, acc_stride,
+                )
+            };
+            continue;
+        }
+        let _ = vnni;
+        for r in 0..n {
+            for tile in 0..tiles {
+                let t_codes = &codes[tile * value_tile_bytes(head_dim, bits)..];
+                let s = scale[r * scale_stride + tile];
+                for c in channels.clone() {
+                    let mut sum = 0i32;
+                    for t in 0..VALUE_TILE_TOKENS {
+                        let wt = w[r * w_stride + tile * VALUE_TILE_TOKENS + t] as i32;
+                        sum += wt * value_code(t_codes, bits, t, c) as i32;
+                    }
+                    let a = &mut acc[r * acc_stride + c];
+                    *a = (sum as f32).mul_add(s, *a);
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes `x` to signed 8-bit weights with one scale (`max |x| / 127`): returns the scale,
+/// 0 when every `x` is 0. Round to nearest even, so any vectorised copy of this loop agrees.
+pub fn quantize_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        out[..x.len()].fill(0);
+        return 0.0;
+    }
+    let inv = 127.0 / amax;
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v * inv).round_ties_even() as i8;
+    }
+    amax / 127.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    #[test]
+    fn planes_cover_every_bit_once() {
+        for bits in 1..=8u8 {
+            let p: Vec<_> = planes(bits).collect();
+            assert_eq!(p.iter().map(|&(w, _)| w).sum::<u8>(), bits, "bits {bits}");
+            let mut next = 0;
+            for &(w, off) in &p {
+                assert!([1, 2, 4, 8].contains(&w));
+                assert_eq!(off, next);
+                next += w;
+            }
+        }
+    }
+
+    #[test]
+    fn put_then_read_round_trips_and_fills_the_tile_exactly() {
+        for bits in 1..=8u8 {
+            for d in [32usize, 64, 96] {
+                let mut seed = bits as u64 * 1000 + d as u64;
+                // Keys: every (t, c) written once with all-ones codes fills every bit.
+                let mut tile = vec![0u8; key_tile_bytes(d, bits)];
+                let max = ((1u16 << bits) - 1) as u8;
+                for t in 0..KEY_TILE_TOKENS {
+                    for c in 0..d {
+                        put_key_code(&mut tile, d, bits, t, c, max);
+                    }
+                }
+                assert!(tile.iter().all(|&b| b == 0xFF), "key tile bits {bits} d {d}");
+                let mut tile = vec![0u8; value_tile_bytes(d, bits)];
+                for t in 0..VALUE_TILE_TOKENS {
+                    for c in 0..d {
+                        put_value_code(&mut tile, bits, t, c, max);
+                    }
+                }
+                assert!(tile.iter().all(|&b| b == 0xFF), "value tile bits {bits} d {d}");
+                // Random codes read back.
+                let codes: Vec<u8> =
+                    (0..VALUE_TILE_TOKENS * d).map(|_| (lcg(&mut seed) as u8) & max).collect();
+                let mut kt = vec![0u8; key_tile_bytes(d, bits)];
+                let mut vt = vec![0u8; value_tile_bytes(d, bits)];
+                for t in 0..VALUE_TILE_TOKENS {
+                    for c in 0..d {
+                        if t < KEY_TILE_TOKENS {
+                            put_key_code(&mut kt, d, bits, t, c, codes[t * d + c]);
+                        }
+                        put_value_code(&mut vt, bits, t, c, codes[t * d + c]);
+                    }
+                }
+                for t in 0..VALUE_TILE_TOKENS {
+                    for c in 0..d {
+                        if t < KEY_TILE_TOKENS {
+                            assert_eq!(key_code(&kt, d, bits, t, c), codes[t * d + c]);
+                        }
+                        assert_eq!(value_code(&vt, bits, t, c), codes[t * d + c]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The VNNI kernels equal the scalar definition bit for bit, over every bit-width, row
+    /// count and aligned channel range, with extreme weights and codes.
+    #[test]
+    fn vnni_kernels_equal_the_scalar_definition() {
+        if !vnni_available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let d = 96;
+        for bits in 1..=8u8 {
+            let mut seed = 77 + bits as u64;
+            let max = ((1u16 << bits) - 1) as u8;
+            let tiles = 3;
+            let kt_bytes = key_tile_bytes(d, bits);
+            let vt_bytes = value_tile_bytes(d, bits);
+            let mut kcodes = vec![0u8; tiles * kt_bytes];
+            let mut vcodes = vec![0u8; tiles * vt_bytes];
+            for tile in 0..tiles {
+                for t in 0..VALUE_TILE_TOKENS {
+                    for c in 0..d {
+                        let code = if tile == 0 { max } else { lcg(&mut seed) as u8 & max };
+                        if t < KEY_TILE_TOKENS {
+                            put_key_code(&mut kcodes[tile * kt_bytes..], d, bits, t, c, code);
+                        }
+                        put_value_code(&mut vcodes[tile * vt_bytes..], bits, t, c, code);
+                    }
+                }
+            }
+            for rows in [1usize, 3, 7, 8, 11] {
+                let q: Vec<i8> = (0..rows * d)
+                    .map(|i| if i % 5 == 0 { -128 } else { lcg(&mut seed) as i8 })
+                    .collect();
+                for channels in [0..d, 32..64, 64..96, 0..32] {
+                    let n = tiles * KEY_TILE_TOKENS;
+                    let mut a = vec![0i32; rows * n];
+                    let mut b = vec![0i32; rows * n];
+                    key_dot(false, &kcodes, tiles, d, bits, channels.clone(), &q, d, rows, &mut a, n);
+                    key_dot(true, &kcodes, tiles, d, bits, channels.clone(), &q, d, rows, &mut b, n);
+                    assert_eq!(a, b, "key_dot bits {bits} rows {rows} channels {channels:?}");
+                }
+                let ws = tiles * VALUE_TILE_TOKENS;
+                let w: Vec<i8> = (0..rows * ws)
+                    .map(|i| if i % 7 == 0 { 127 } else { (lcg(&mut seed) % 128) as i8 })
+                    .collect();
+                let scale: Vec<f32> = (0..rows * tiles).map(|i| 0.01 + i as f32 * 1e-3).collect();
+                for channels in [0..d, 16..48, 80..96] {
+                    let init: Vec<f32> = (0..rows * d).map(|i| i as f32 * 0.25).collect();
+                    let (mut a, mut b) = (init.clone(), init);
+                    value_accumulate(false, &vcodes, tiles, d, bits, channels.clone(), &w, ws, &scale, tiles, rows, &mut a, d);
+                    value_accumulate(true, &vcodes, tiles, d, bits, channels.clone(), &w, ws, &scale, tiles, rows, &mut b, d);
+                    assert_eq!(a, b, "value_accumulate bits {bits} rows {rows} channels {channels:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_i8_rounds_to_the_shared_scale() {
+        let x = [0.5f32, -1.27, 0.0, 1.27, 0.004];
+        let mut q = [0i8; 5];
+        let s = quantize_i8(&x, &mut q);
+        assert!((s - 0.01).abs() < 1e-7);
+        assert_eq!(q, [50, -127, 0, 127, 0]);
+        assert_eq!(quantize_i8(&[0.0; 3], &mut q), 0.0);
+        assert_eq!(&q[..3], &[0, 0, 0]);
+    }
+}

@@ -1,0 +1,212 @@
+//! AVX-512 VNNI versions of the integer kernels in [`super::int8`] (same layout, same results
+//! bit for bit): per 64-byte line, each sub-plane is one shift and one mask (none for 8-bit
+//! planes), then one `vpdpbusd` per query row against four weights broadcast from memory.
+//! Two accumulators per row alternate between sub-planes, so the dependent `vpdpbusd` chains
+//! are half as long (their latency, not their throughput, bounds a single chain).
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::int8::{key_tile_bytes, planes, value_tile_bytes, KEY_TILE_TOKENS, VALUE_TILE_TOKENS};
+
+macro_rules! by_rows {
+    ($rows:expr, $f:ident, $($arg:expr),*) => {
+        match $rows {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            _ => unreachable!("rows {} outside 1..=8", $rows),
+        }
+    };
+}
+
+/// See [`super::int8::key_dot`]; `rows ≤ 8`, bounds checked by the caller.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn key_dot(
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    channels: Range<usize>,
+    q: &[i8],
+    q_stride: usize,
+    rows: usize,
+    out: &mut [i32],
+    out_stride: usize,
+) {
+    let (codes, q, out) = (codes.as_ptr(), q.as_ptr(), out.as_mut_ptr());
+    let (c0, c1) = (channels.start, channels.end);
+    by_rows!(rows, key_dot_rows, codes, tiles, head_dim, bits, c0, c1, q, q_stride, out, out_stride)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_dot_rows<const R: usize>(
+    codes: *const u8,
+    tiles: usize,
+    d: usize,
+    bits: u8,
+    c0: usize,
+    c1: usize,
+    q: *const i8,
+    q_stride: usize,
+    out: *mut i32,
+    out_stride: usize,
+) {
+    let tile_bytes = key_tile_bytes(d, bits);
+    for tile in 0..tiles {
+        let base = codes.add(tile * tile_bytes);
+        let mut total = [_mm512_setzero_si512(); R];
+        for (w, off) in planes(bits) {
+            let panel = base.add(2 * d * off as usize);
+            let sums = plane_dot_any::<R>(w, panel, c0, c1, q, q_stride);
+            add_shifted(&mut total, &sums, off);
+        }
+        for (r, t) in total.iter().enumerate() {
+            _mm512_storeu_si512(out.add(r * out_stride + tile * KEY_TILE_TOKENS) as *mut _, *t);
+        }
+    }
+}
+
+/// See [`super::int8::value_accumulate`]; `rows ≤ 8`, bounds checked by the caller.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn value_accumulate(
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    channels: Range<usize>,
+    w: &[i8],
+    w_stride: usize,
+    scale: &[f32],
+    scale_stride: usize,
+    rows: usize,
+    acc: &mut [f32],
+    acc_stride: usize,
+) {
+    let (codes, w, scale, acc) = (codes.as_ptr(), w.as_ptr(), scale.as_ptr(), acc.as_mut_ptr());
+    let (c0, c1) = (channels.start, channels.end);
+    by_rows!(
+        rows, value_rows, codes, tiles, head_dim, bits, c0, c1, w, w_stride, scale, scale_stride,
+        acc, acc_stride
+    )
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_rows<const R: usize>(
+    codes: *const u8,
+    tiles: usize,
+    d: usize,
+    bits: u8,
+    c0: usize,
+    c1: usize,
+    w: *const i8,
+    w_stride: usize,
+    scale: *const f32,
+    scale_stride: usize,
+    acc: *mut f32,
+    acc_stride: usize,
+) {
+    let tile_bytes = value_tile_bytes(d, bits);
+    for lane_group in c0 / 16..c1 / 16 {
+        // The f32 sums of these 16 channels stay in registers across the tiles.
+        let mut f = [_mm512_setzero_ps(); R];
+        for (r, x) in f.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(acc.add(r * acc_stride + lane_group * 16));
+        }
+        for tile in 0..tiles {
+            let base = codes.add(tile * tile_bytes + 64 * lane_group * bits as usize);
+            let wt = w.add(tile * VALUE_TILE_TOKENS);
+            let mut total = [_mm512_setzero_si512(); R];
+            for (pw, off) in planes(bits) {
+                let panel = base.add(64 * off as usize);
+                let sums = plane_dot_any::<R>(pw, panel, 0, VALUE_TILE_TOKENS, wt, w_stride);
+                add_shifted(&mut total, &sums, off);
+            }
+            for r in 0..R {
+                let s = _mm512_set1_ps(*scale.add(r * scale_stride + tile));
+                f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), s, f[r]);
+            }
+        }
+        for (r, x) in f.iter().enumerate() {
+            _mm512_storeu_ps(acc.add(r * acc_stride + lane_group * 16), *x);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn add_shifted<const R: usize>(total: &mut [__m512i; R], sums: &[__m512i; R], off: u8) {
+    let count = _mm_cvtsi32_si128(off as i32);
+    for r in 0..R {
+        total[r] = _mm512_add_epi32(total[r], _mm512_sll_epi32(sums[r], count));
+    }
+}
+
+#[inline(always)]
+unsafe fn plane_dot_any<const R: usize>(
+    w: u8,
+    panel: *const u8,
+    red0: usize,
+    red1: usize,
+    weights: *const i8,
+    w_stride: usize,
+) -> [__m512i; R] {
+    match w {
+        1 => plane_dot::<R, 1>(panel, red0, red1, weights, w_stride),
+        2 => plane_dot::<R, 2>(panel, red0, red1, weights, w_stride),
+        4 => plane_dot::<R, 4>(panel, red0, red1, weights, w_stride),
+        _ => plane_dot::<R, 8>(panel, red0, red1, weights, w_stride),
+    }
+}
+
+/// For a plane of width `W` whose lines run along the reduction axis: per output lane,
+/// `Σ_{red ∈ red0..red1} weights[r·w_stride + red] · sub_code(lane, red)` for `r < R`.
+/// `red0`, `red1` are multiples of the line's `32/W` elements.
+#[inline(always)]
+unsafe fn plane_dot<const R: usize, const W: usize>(
+    panel: *const u8,
+    red0: usize,
+    red1: usize,
+    weights: *const i8,
+    w_stride: usize,
+) -> [__m512i; R] {
+    let per_line = 32 / W;
+    let m = 8 / W;
+    let mask = _mm512_set1_epi8(((1u16 << W) - 1) as u8 as i8);
+    let mut acc = [[_mm512_setzero_si512(); R]; 2];
+    for line in red0 / per_line..red1 / per_line {
+        let v = _mm512_loadu_si512(panel.add(line * 64) as *const _);
+        for k in 0..m {
+            let x = if W == 8 {
+                v
+            } else if k == 0 {
+                _mm512_and_si512(v, mask)
+            } else {
+                let count = _mm_cvtsi32_si128((k * W) as i32);
+                _mm512_and_si512(_mm512_srl_epi16(v, count), mask)
+            };
+            let red = line * per_line + 4 * k;
+            let a = &mut acc[(line * m + k) & 1];
+            for r in 0..R {
+                let four = (weights.add(r * w_stride + red) as *const i32).read_unaligned();
+                a[r] = _mm512_dpbusd_epi32(a[r], x, _mm512_set1_epi32(four));
+            }
+        }
+    }
+    let mut out = [_mm512_setzero_si512(); R];
+    for r in 0..R {
+        out[r] = _mm512_add_epi32(acc[0][r], acc[1][r]);
+    }
+    out
+}
+
+// Keep the tile constants referenced here in step with the layout's definition.
+const _: () = assert!(KEY_TILE_TOKENS == 16 && VALUE_TILE_TOKENS == 32);
