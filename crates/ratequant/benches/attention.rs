@@ -23,8 +23,10 @@ use half::f16;
 use rayon::prelude::*;
 
 use ratequant::kvcache::dense::DenseLayerCache;
+use ratequant::kvcache::attention::int8;
 use ratequant::kvcache::{
-    AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
+    AttentionKernel, AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat,
+    DEFAULT_RESIDUAL,
 };
 use ratequant::quant::QuantizerSpec;
 
@@ -124,6 +126,14 @@ fn build(tokens: usize) -> Vec<(String, Cache)> {
         let mut cache = PackedKvCache::new(shape, &units, DEFAULT_RESIDUAL).unwrap();
         cache.append(0, &k, &v, tokens).unwrap();
         caches.push((name.to_string(), Cache::Packed(cache)));
+        // The opt-in integer kernels, where they run natively (their scalar reference is slow).
+        if int8::vnni_available() {
+            let kernel = AttentionKernel::Int8;
+            let mut cache =
+                PackedKvCache::with_kernel(shape, &units, DEFAULT_RESIDUAL, kernel).unwrap();
+            cache.append(0, &k, &v, tokens).unwrap();
+            caches.push((format!("{name}-int8"), Cache::Packed(cache)));
+        }
     }
     caches
 }

@@ -5,7 +5,9 @@
 //! first (element by element with `half`, independently of the cache's slice conversion).
 
 use half::f16;
-use ratequant::kvcache::{AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat};
+use ratequant::kvcache::{
+    AttentionKernel, AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat,
+};
 use ratequant::quant::{self, Kind, QuantizerSpec, TileShape};
 
 /// Small deterministic generator (xorshift64*), so the tests need no dependencies.
@@ -167,8 +169,24 @@ fn run_cache(
     blocks: &[usize],
     params: &AttentionParams,
 ) -> Vec<Vec<f32>> {
+    let kernel = AttentionKernel::Float;
+    run_cache_with(m, kernel, isa, q, k, v, tokens, blocks, params)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_cache_with(
+    m: &Model,
+    kernel: AttentionKernel,
+    isa: Isa,
+    q: &[Vec<f32>],
+    k: &[Vec<f32>],
+    v: &[Vec<f32>],
+    tokens: usize,
+    blocks: &[usize],
+    params: &AttentionParams,
+) -> Vec<Vec<f32>> {
     let d = m.shape.head_dim;
-    let mut cache = PackedKvCache::new(m.shape, &m.units, m.residual).unwrap();
+    let mut cache = PackedKvCache::with_kernel(m.shape, &m.units, m.residual, kernel).unwrap();
     cache.set_isa(isa).unwrap();
     let mut outs = vec![vec![0.0f32; m.heads * tokens * d]; m.shape.layers];
     let mut at = 0;
@@ -528,3 +546,129 @@ fn attend_last_equals_the_decode_step() {
     let again = cache.attend_last(0, &q, 9, &p).unwrap();
     assert_eq!(decoded, again);
 }
+
+/// Root mean square of `a − b` over every output.
+fn rms_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        sum += ((x - y) as f64).powi(2);
+        n += 1;
+    }
+    (sum / n as f64).sqrt()
+}
+
+/// Attention over the unquantized (f16-rounded) keys and values: per-token units whose
+/// residual window holds every token.
+fn unquantized(m: &Model, q: &[Vec<f32>], k: &[Vec<f32>], v: &[Vec<f32>], tokens: usize, p: &AttentionParams) -> Vec<Vec<f32>> {
+    let unit = UnitFormat {
+        quantizer: spec("rtn-token"),
+        bits: 8,
+    };
+    let fp = Model {
+        shape: m.shape,
+        heads: m.heads,
+        units: vec![unit; m.units.len()],
+        residual: tokens,
+    };
+    reference(&fp, q, k, v, tokens, p)
+}
+
+#[test]
+fn int8_kernels_add_a_small_fraction_of_the_quantization_error() {
+    // The integer kernels round the query (per key block) and the probabilities (per value
+    // tile) to 8 bits; that error must stay well below what quantizing the cache costs.
+    let shape = CacheShape {
+        layers: 1,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    // Below 4 bits one i8 per weight (measured: 6–15% of the quantization error); from 4 bits
+    // two (hi + lo/254, measured: 0.1%).
+    for (designs, bits, ratio) in [
+        (["kivi", "kivi"], 2u8, 0.2),
+        (["kivi", "quarot"], 3, 0.2),
+        (["quarot", "rtn-token"], 2, 0.2),
+        (["kivi:g=128", "rtn-token:g=32"], 4, 0.01),
+        (["kivi", "quarot"], 6, 0.01),
+    ] {
+        let units: Vec<UnitFormat> = (0..shape.units())
+            .map(|i| UnitFormat {
+                quantizer: spec(designs[(i / 2) % 2]),
+                bits,
+            })
+            .collect();
+        let m = Model {
+            shape,
+            heads: 6,
+            units,
+            residual: 16,
+        };
+        let tokens = 300;
+        let (q, k, v) = data(&m, tokens, 5 + bits as u64);
+        let p = params(64);
+        let want = reference(&m, &q, &k, &v, tokens, &p);
+        let exact = unquantized(&m, &q, &k, &v, tokens, &p);
+        let got = run_cache_with(&m, AttentionKernel::Int8, Isa::detect(), &q, &k, &v, tokens, &[1, 77], &p);
+        let quant_err = rms_diff(&want, &exact);
+        let int8_err = rms_diff(&got, &want);
+        eprintln!("{designs:?} {bits} bits: quantization rms {quant_err:.5}, int8 rounding rms {int8_err:.6}");
+        assert!(quant_err > 1e-3, "quantization must be visible");
+        assert!(
+            int8_err < ratio * quant_err,
+            "{designs:?} {bits} bits: int8 rounding rms {int8_err} ≥ {ratio} × quantization rms {quant_err}"
+        );
+        // Rounding does happen: the integer path is not the float path in disguise.
+        assert!(int8_err > 1e-7);
+    }
+}
+
+#[test]
+fn int8_vnni_equals_the_scalar_integer_kernels_bit_for_bit() {
+    // Isa::Avx2 runs the integer kernels' scalar definition under the same (AVX2) glue as
+    // the VNNI kernels, so the two agree exactly; Isa::Scalar differs only in float rounding.
+    if !Isa::Avx512.is_available() || !Isa::Avx2.is_available() {
+        eprintln!("skipped: needs AVX2 and AVX-512");
+        return;
+    }
+    let shape = CacheShape {
+        layers: 1,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    for bits in 1..=8u8 {
+        let units = vec![
+            UnitFormat { quantizer: spec(if bits % 2 == 0 { "kivi" } else { "quarot" }), bits },
+            UnitFormat { quantizer: spec("kivi"), bits: 9 - bits },
+        ];
+        let m = Model { shape, heads: 3, units, residual: 5 };
+        let tokens = 200;
+        let (q, k, v) = data(&m, tokens, 40 + bits as u64);
+        let p = params(64);
+        let run = |isa| run_cache_with(&m, AttentionKernel::Int8, isa, &q, &k, &v, tokens, &[1, 64], &p);
+        let (reference_kernels, vnni) = (run(Isa::Avx2), run(Isa::Avx512));
+        assert_eq!(max_abs_diff(&reference_kernels, &vnni), 0.0, "{bits} bits");
+        let scalar = run(Isa::Scalar);
+        let want = reference(&m, &q, &k, &v, tokens, &p);
+        assert!(rms_diff(&scalar, &vnni) < 0.1 * rms_diff(&vnni, &want) + 1e-6, "{bits} bits");
+    }
+}
+
+#[test]
+fn int8_kernel_refuses_layouts_it_cannot_tile() {
+    let units = |d: &str| vec![UnitFormat { quantizer: spec(d), bits: 2 }; 2];
+    let shape = |head_dim| CacheShape { layers: 1, kv_heads: 1, head_dim };
+    for (head_dim, design, want) in [
+        (40, "kivi", "head_dim a multiple of 32"),
+        (64, "kivi:g=20", "multiple of 16 tokens"),
+        (64, "rtn-token:g=16", "multiple of 32 channels"),
+    ] {
+        let err = PackedKvCache::with_kernel(shape(head_dim), &units(design), 8, AttentionKernel::Int8)
+            .err()
+            .unwrap_or_else(|| panic!("{design} at head_dim {head_dim} accepted"))
+            .to_string();
+        assert!(err.contains(want) && err.contains("layer 0 head 0"), "{err}");
+        // The float kernels take every one of these.
+        PackedKvCache::with_kernel(shape(head_dim), &units(design), 8, AttentionKernel::Float).unwrap();
+    }
+}
+

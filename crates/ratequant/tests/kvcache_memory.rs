@@ -2,7 +2,7 @@
 
 use ratequant::kvcache::memory::{estimate, MemoryReport};
 use ratequant::kvcache::{
-    AttentionParams, CacheShape, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
+    AttentionKernel, AttentionParams, CacheShape, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
 };
 use ratequant::quant::QuantizerSpec;
 
@@ -65,7 +65,7 @@ fn memory_of_a_hand_computed_example() {
     assert_eq!(m.total_bytes(), 5344);
     assert!((m.bytes_per_token() - 5344.0 / 70.0).abs() < 1e-9);
     assert!((m.compression() - 17920.0 / 5344.0).abs() < 1e-9);
-    assert_eq!(estimate(shape, &units, 8, 70).unwrap(), want);
+    assert_eq!(estimate(shape, &units, 8, 70, AttentionKernel::Float).unwrap(), want);
 }
 
 #[test]
@@ -93,7 +93,7 @@ fn estimate_equals_the_report_for_mixed_units_and_lengths() {
             len += block;
             assert_eq!(
                 cache.memory(),
-                estimate(shape, &units, residual, len).unwrap(),
+                estimate(shape, &units, residual, len, AttentionKernel::Float).unwrap(),
                 "residual {residual}, {len} tokens"
             );
         }
@@ -138,7 +138,7 @@ fn residual_rows_cost_two_bytes_per_element() {
                         };
                         shape.units()
                     ];
-                    assert_eq!(got, estimate(shape, &units, residual, len).unwrap());
+                    assert_eq!(got, estimate(shape, &units, residual, len, AttentionKernel::Float).unwrap());
                 }
             }
         }
@@ -185,7 +185,7 @@ fn smollm2_compression_table() {
     let mut compression = std::collections::HashMap::new();
     for (label, design, bits, mixed, bits_label) in rows {
         let units = smollm2_units(design, bits, mixed);
-        let m = estimate(SMOLLM2, &units, DEFAULT_RESIDUAL, tokens).unwrap();
+        let m = estimate(SMOLLM2, &units, DEFAULT_RESIDUAL, tokens, AttentionKernel::Float).unwrap();
         let with_f32_residual = m.f16_bytes as f64 / (m.total_bytes() + m.residual_bytes) as f64;
         println!(
             "| {label} | {bits_label} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
@@ -230,7 +230,7 @@ fn two_and_a_half_bits_is_several_times_smaller_than_f16() {
             bits: 2 + (i % 2) as u8,
         })
         .collect();
-    let m = estimate(shape, &units, DEFAULT_RESIDUAL, 8192).unwrap();
+    let m = estimate(shape, &units, DEFAULT_RESIDUAL, 8192, AttentionKernel::Float).unwrap();
     assert_eq!(m.f16_bytes, 8192 * 30 * 3 * 64 * 2 * 2);
     let compression = m.compression();
     assert!(
@@ -334,4 +334,48 @@ fn bad_input_gives_clear_errors() {
     // Nothing was stored by the failed calls.
     assert!(cache.is_empty());
     assert_eq!(cache.memory().total_bytes(), 16 * 8);
+}
+
+#[test]
+fn int8_tiles_are_counted_exactly() {
+    // The integer kernels keep values in whole 32-token tiles: the report and the estimate
+    // agree byte for byte at every length, and a full tile costs what the bit runs cost.
+    let shape = CacheShape {
+        layers: 2,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    for design in ["kivi", "quarot", "kivi:g=48"] {
+        for bits in [2u8, 3, 8] {
+            let units = vec![
+                UnitFormat {
+                    quantizer: spec(design),
+                    bits
+                };
+                shape.units()
+            ];
+            let mut int8 =
+                PackedKvCache::with_kernel(shape, &units, 8, AttentionKernel::Int8).unwrap();
+            let mut float = PackedKvCache::new(shape, &units, 8).unwrap();
+            let mut len = 0;
+            for block in [1usize, 40, 23, 1, 31] {
+                for layer in 0..shape.layers {
+                    let x = rows(block, 64, 1, (len + layer) as u32);
+                    int8.append(layer, &x, &x, block).unwrap();
+                    float.append(layer, &x, &x, block).unwrap();
+                }
+                len += block;
+                let got = int8.memory();
+                let want = estimate(shape, &units, 8, len, AttentionKernel::Int8).unwrap();
+                assert_eq!(got, want, "{design} {bits} bits, {len} tokens");
+                let values = len - 8.min(len);
+                let tile_slack = (values.div_ceil(32) * 32 - values) * 64 * bits as usize / 8;
+                assert_eq!(
+                    got.code_bytes,
+                    float.memory().code_bytes + shape.layers * tile_slack,
+                    "{design} {bits} bits, {len} tokens"
+                );
+            }
+        }
+    }
 }

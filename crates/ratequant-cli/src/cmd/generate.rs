@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use ratequant::formats::Plan;
 use ratequant::kvcache::memory::estimate;
-use ratequant::kvcache::{CacheShape, MemoryReport, UnitFormat, DEFAULT_RESIDUAL};
+use ratequant::kvcache::{AttentionKernel, CacheShape, MemoryReport, UnitFormat, DEFAULT_RESIDUAL};
 use ratequant_llm::generate::{
     generate, stop_ids, GenerateOptions, Generation, Sampler, StopReason, TextStream,
 };
@@ -215,7 +215,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let planned = match &choice {
         CacheChoice::FullPrecision => KvMemory::full_precision(shape, context),
         CacheChoice::Packed { units, .. } => KvMemory::packed(
-            estimate(shape, units, args.residual, context).with_context(cannot_serve)?,
+            estimate(shape, units, args.residual, context, AttentionKernel::Float).with_context(cannot_serve)?,
         ),
     };
     if let Some(available) = available_memory() {

@@ -8,9 +8,9 @@
 
 use serde::Serialize;
 
-use super::attention::CODE_PADDING;
+use super::attention::{int8, CODE_PADDING};
 use super::store::{UnitCore, UnitLayout, PER_TOKEN_KEY_BLOCK};
-use super::{CacheShape, UnitFormat};
+use super::{AttentionKernel, CacheShape, UnitFormat};
 use crate::quant::{self, Kind};
 use crate::{pack, Result};
 
@@ -85,12 +85,14 @@ pub(crate) fn report<'a>(
 
 /// The memory a cache of this shape and these unit formats will hold once `tokens` tokens are
 /// stored in every layer: what [`super::PackedKvCache::memory`] then reports, byte for byte.
-/// Lets a caller refuse a context that doesn't fit before allocating anything.
+/// Lets a caller refuse a context that doesn't fit before allocating anything. `kernel`: the
+/// integer kernels keep values in whole tiles of 32 tokens.
 pub fn estimate(
     shape: CacheShape,
     units: &[UnitFormat],
     residual: usize,
     tokens: usize,
+    kernel: AttentionKernel,
 ) -> Result<MemoryReport> {
     if units.len() != shape.units() {
         return Err(crate::Error::invalid(format!(
@@ -122,6 +124,9 @@ pub fn estimate(
                     quantized.div_ceil(PER_TOKEN_KEY_BLOCK)
                         * d
                         * pack::packed_len(PER_TOKEN_KEY_BLOCK, b)
+                }
+                Kind::V if kernel == AttentionKernel::Int8 => {
+                    quantized.div_ceil(int8::VALUE_TILE_TOKENS) * int8::value_tile_bytes(d, b)
                 }
                 Kind::V => quantized * pack::packed_len(d, b),
             };

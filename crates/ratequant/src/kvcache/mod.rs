@@ -27,6 +27,7 @@
 
 pub mod attention;
 pub mod dense;
+mod int8_glue;
 pub mod memory;
 pub(crate) mod store;
 
@@ -85,6 +86,41 @@ impl CacheShape {
     }
 }
 
+/// How attention computes on the codes; chosen when a cache is built (it fixes the code layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// f32 arithmetic on the codes: attention over the dequantized cache up to float
+    /// rounding, which is what `eval`'s simulation of this cache computes.
+    #[default]
+    Float,
+    /// Integer dot products on bit-plane tiles ([`attention::int8`]; AVX-512 VNNI where the CPU
+    /// has it, else the scalar reference, which is slow): per key block the query folded with
+    /// the key scales, and per 32-token tile the probabilities times the value scales, are
+    /// rounded to 8 bits with one scale each. Faster; no longer equal to the simulation up to
+    /// float rounding (the rounding adds a small error to each score and output, see
+    /// `docs/generate.md`).
+    Int8,
+}
+
+impl AttentionKernel {
+    pub fn parse(s: &str) -> Result<AttentionKernel> {
+        match s {
+            "float" => Ok(AttentionKernel::Float),
+            "int8" => Ok(AttentionKernel::Int8),
+            other => Err(Error::invalid(format!(
+                "attention kernel `{other}`: expected `float` or `int8`"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKernel::Float => "float",
+            AttentionKernel::Int8 => "int8",
+        }
+    }
+}
+
 /// Design and bits of one unit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitFormat {
@@ -120,6 +156,7 @@ impl FpRows {
 pub struct PackedKvCache {
     shape: CacheShape,
     residual: usize,
+    kernel: AttentionKernel,
     isa: Isa,
     keys: Vec<KeyStore>,
     values: Vec<ValueStore>,
@@ -128,8 +165,21 @@ pub struct PackedKvCache {
 
 impl PackedKvCache {
     /// A cache whose unit `i` ([`CacheShape::unit_index`]) uses `units[i]`; per-token units keep
-    /// the `residual` most recent tokens in full precision.
+    /// the `residual` most recent tokens in full precision. Float kernels.
     pub fn new(shape: CacheShape, units: &[UnitFormat], residual: usize) -> Result<PackedKvCache> {
+        PackedKvCache::with_kernel(shape, units, residual, AttentionKernel::Float)
+    }
+
+    /// [`PackedKvCache::new`] with the given attention kernel. The integer kernels need tile
+    /// layouts ([`attention::int8::check_layout`]); a unit that can't have one is an error
+    /// naming it.
+    pub fn with_kernel(
+        shape: CacheShape,
+        units: &[UnitFormat],
+        residual: usize,
+        kernel: AttentionKernel,
+    ) -> Result<PackedKvCache> {
+        let tiled = kernel == AttentionKernel::Int8;
         if shape.layers == 0 || shape.kv_heads == 0 || shape.head_dim == 0 {
             return Err(Error::invalid(format!(
                 "packed KV cache: layers, kv_heads and head_dim must be positive, got {shape:?}"
@@ -155,18 +205,21 @@ impl PackedKvCache {
                     k.bits,
                     shape.head_dim,
                     &format!("unit layer {layer} head {head} k"),
+                    tiled,
                 )?);
                 values.push(ValueStore::new(
                     &v.quantizer,
                     v.bits,
                     shape.head_dim,
                     &format!("unit layer {layer} head {head} v"),
+                    tiled,
                 )?);
             }
         }
         Ok(PackedKvCache {
             shape,
             residual,
+            kernel,
             isa: Isa::detect(),
             keys,
             values,
@@ -201,6 +254,25 @@ impl PackedKvCache {
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    pub fn kernel(&self) -> AttentionKernel {
+        self.kernel
+    }
+
+    /// What runs the kernels, for reports: `avx512`, `avx2`, `scalar`, and for the integer
+    /// kernels `avx512-vnni` or `scalar` (the integer kernels have no AVX2 version).
+    pub fn kernel_isa(&self) -> &'static str {
+        match self.kernel {
+            AttentionKernel::Float => self.isa.name(),
+            AttentionKernel::Int8 if self.vnni() => "avx512-vnni",
+            AttentionKernel::Int8 => "scalar",
+        }
+    }
+
+    /// The integer kernels run on VNNI (else on their scalar reference).
+    fn vnni(&self) -> bool {
+        self.isa == Isa::Avx512 && attention::int8::vnni_available()
     }
 
     /// Runs the kernels on `isa` (tests and benchmarks compare instruction sets).
@@ -490,16 +562,22 @@ impl PackedKvCache {
             }
         }
         let glue_avx2 = isa != Isa::Scalar && Isa::Avx2.is_available();
+        let vnni = self.vnni();
         let parts: Vec<TaskOut> = tasks
             .par_iter()
             .map(|&(h, i, a, b)| {
                 let (view, prep, p) = (&views[h], &preps[h * tokens + i], first + i);
                 #[cfg(target_arch = "x86_64")]
+                if vnni && glue_avx2 {
+                    // SAFETY: AVX-512 F/BW/VNNI, AVX2, FMA and F16C were detected.
+                    return unsafe { run_task_avx512(isa, vnni, view, prep, p, a, b, d, residual) };
+                }
+                #[cfg(target_arch = "x86_64")]
                 if glue_avx2 {
                     // SAFETY: AVX2, FMA and F16C were detected.
-                    return unsafe { run_task_avx2(isa, view, prep, p, a, b, d, residual) };
+                    return unsafe { run_task_avx2(isa, vnni, view, prep, p, a, b, d, residual) };
                 }
-                run_task::<false>(isa, view, prep, p, a, b, d, residual)
+                run_task::<false>(isa, vnni, view, prep, p, a, b, d, residual)
             })
             .collect();
         // Merge each (KV head, query)'s blocks; tasks are in (h, i) order.
@@ -604,14 +682,14 @@ fn append_rows<S: Store>(
 }
 
 /// One (KV head, query)'s rows prepared for the kernels.
-struct QueryPrep {
-    rows: usize,
+pub(crate) struct QueryPrep {
+    pub rows: usize,
     /// `rows × head_dim`, scaled by the softmax scale.
-    q: Vec<f32>,
+    pub q: Vec<f32>,
     /// The same rows as the packed keys see them: rotated for QuaRot, else a copy.
-    q_packed: Vec<f32>,
+    pub q_packed: Vec<f32>,
     /// Per-token keys: `rows × channel groups` sums of `q_packed` over each group.
-    q_group_sums: Vec<f32>,
+    pub q_group_sums: Vec<f32>,
 }
 
 impl QueryPrep {
@@ -666,6 +744,7 @@ struct TaskOut {
 #[allow(clippy::too_many_arguments)]
 fn run_task_avx2(
     isa: Isa,
+    vnni: bool,
     view: &HeadView,
     prep: &QueryPrep,
     p: usize,
@@ -674,17 +753,38 @@ fn run_task_avx2(
     d: usize,
     residual: usize,
 ) -> TaskOut {
-    run_task::<true>(isa, view, prep, p, a, b, d, residual)
+    run_task::<true>(isa, vnni, view, prep, p, a, b, d, residual)
+}
+
+/// [`run_task`] with its glue compiled for AVX-512 (the integer kernels' glue rounds whole
+/// rows of weights to 8 bits, which vectorises 16 wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn run_task_avx512(
+    isa: Isa,
+    vnni: bool,
+    view: &HeadView,
+    prep: &QueryPrep,
+    p: usize,
+    a: usize,
+    b: usize,
+    d: usize,
+    residual: usize,
+) -> TaskOut {
+    run_task::<true>(isa, vnni, view, prep, p, a, b, d, residual)
 }
 
 /// Attention of one (KV head, query at position `p`) over positions `a..b`: scores, the
 /// block's softmax, and the value accumulation (packed part in `acc_q`, which is in the
 /// rotated domain for QuaRot values; full-precision part in `acc_fp`). `F16C`: the caller
-/// runs with AVX2, FMA and F16C enabled, so the glue may use them.
+/// runs with AVX2, FMA and F16C enabled, so the glue may use them. Tiled stores run the
+/// integer kernels (on VNNI when `vnni`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn run_task<const F16C: bool>(
     isa: Isa,
+    vnni: bool,
     view: &HeadView,
     prep: &QueryPrep,
     p: usize,
@@ -699,7 +799,9 @@ fn run_task<const F16C: bool>(
     let key = &view.key.core;
     let kq = key.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(kq);
-    if a < packed_end {
+    if a < packed_end && view.key.tiled {
+        int8_glue::key_scores::<F16C>(vnni, view.key, prep, a, packed_end, &mut scores, len);
+    } else if a < packed_end {
         packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, &mut scores, len);
     }
     for pos in a.max(kq)..b {
@@ -721,7 +823,11 @@ fn run_task<const F16C: bool>(
     let value = &view.value.core;
     let vq = value.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(vq);
-    if a < packed_end {
+    if a < packed_end && view.value.tiled {
+        int8_glue::values::<F16C>(
+            vnni, view.value, &scores, len, a, packed_end, rows, &mut acc_q,
+        );
+    } else if a < packed_end {
         packed_values::<F16C>(
             isa, view.value, &scores, len, a, packed_end, rows, &mut acc_q,
         );
@@ -747,7 +853,7 @@ fn run_task<const F16C: bool>(
 /// when the caller enabled it (`half`'s slice conversion detects the CPU on every call, which
 /// costs more than these short runs).
 #[inline(always)]
-fn to_f32<const F16C: bool>(src: &[f16], dst: &mut Vec<f32>) {
+pub(crate) fn to_f32<const F16C: bool>(src: &[f16], dst: &mut Vec<f32>) {
     dst.clear();
     dst.reserve(src.len());
     #[cfg(target_arch = "x86_64")]

@@ -16,6 +16,11 @@
 //!   Tokens leaving the residual are quantized from those f16-rounded values, so a token's
 //!   codes do not depend on when it leaves (inside a prefill block, or later while decoding).
 //!
+//! * with the integer kernels ([`super::AttentionKernel::Int8`]) codes are kept in the bit-plane
+//!   *tiles* of [`int8`] instead: a key block is `block_tokens / 16` key tiles, values are
+//!   value tiles of 32 tokens (allocated a tile at a time). Scales and zero-points are as
+//!   above.
+//!
 //! Codes and parameters come from the design's own [`Quantizer::encode`], so the stored
 //! values are exactly `fake_quantize`'s of the f16-rounded rows; only their order in memory
 //! differs.
@@ -25,7 +30,7 @@ use std::ops::Range;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::attention::CODE_PADDING;
+use super::attention::{int8, CODE_PADDING};
 use crate::quant::{self, Kind, Quantizer, QuantizerSpec, TileShape};
 use crate::{pack, Error, Result};
 
@@ -267,11 +272,33 @@ pub(crate) struct KeyStore {
     pub core: UnitCore,
     pub block_tokens: usize,
     pub slot_bytes: usize,
+    /// Codes in [`int8`] key tiles rather than channel-major bit runs.
+    pub tiled: bool,
+}
+
+/// Why a unit's layout can't be kept in [`int8`] tiles, as an error naming the unit.
+fn check_tiled(core: &UnitCore, what: &str) -> Result<()> {
+    int8::check_layout(
+        core.head_dim,
+        core.layout.group,
+        core.layout.per_channel,
+        core.kind == Kind::K,
+    )
+    .map_err(|e| Error::invalid(format!("{what} ({}): {e}", core.quantizer.name())))
 }
 
 impl KeyStore {
-    pub fn new(spec: &QuantizerSpec, bits: u8, head_dim: usize, what: &str) -> Result<KeyStore> {
+    pub fn new(
+        spec: &QuantizerSpec,
+        bits: u8,
+        head_dim: usize,
+        what: &str,
+        tiled: bool,
+    ) -> Result<KeyStore> {
         let core = UnitCore::new(spec, bits, Kind::K, head_dim, what)?;
+        if tiled {
+            check_tiled(&core, what)?;
+        }
         let block_tokens = if core.layout.per_channel {
             core.layout.group
         } else {
@@ -282,11 +309,30 @@ impl KeyStore {
             core,
             block_tokens,
             slot_bytes,
+            tiled,
         })
     }
 
     pub fn block_bytes(&self) -> usize {
-        self.core.head_dim * self.slot_bytes
+        if self.tiled {
+            self.block_tokens / int8::KEY_TILE_TOKENS
+                * int8::key_tile_bytes(self.core.head_dim, self.core.bits)
+        } else {
+            self.core.head_dim * self.slot_bytes
+        }
+    }
+
+    /// Writes the code of token `t` of the block at byte `base`, channel `c`.
+    fn put(&mut self, base: usize, t: usize, c: usize, code: u8) {
+        let (d, bits) = (self.core.head_dim, self.core.bits);
+        if self.tiled {
+            let tile = base + t / int8::KEY_TILE_TOKENS * int8::key_tile_bytes(d, bits);
+            let t = t % int8::KEY_TILE_TOKENS;
+            int8::put_key_code(&mut self.core.codes[tile..], d, bits, t, c, code);
+        } else {
+            let bit = (c * self.slot_bytes) * 8 + t * bits as usize;
+            put_code(&mut self.core.codes[base..], bit, bits, code);
+        }
     }
 
     /// Quantizes tokens `[self.quantized, self.quantized + n)`, whose rows are `rows`.
@@ -305,12 +351,20 @@ impl KeyStore {
                 let (codes, enc) = self.core.encode(group_rows, g)?;
                 let start = self.core.code_bytes();
                 self.core.grow_codes(start + self.block_bytes());
-                for c in 0..d {
-                    for (t, s) in slot.iter_mut().enumerate() {
-                        *s = codes[t * d + c];
+                if self.tiled {
+                    for t in 0..g {
+                        for c in 0..d {
+                            self.put(start, t, c, codes[t * d + c]);
+                        }
                     }
-                    let at = start + c * self.slot_bytes;
-                    pack::pack(&slot, bits, &mut self.core.codes[at..at + self.slot_bytes])?;
+                } else {
+                    for c in 0..d {
+                        for (t, s) in slot.iter_mut().enumerate() {
+                            *s = codes[t * d + c];
+                        }
+                        let at = start + c * self.slot_bytes;
+                        pack::pack(&slot, bits, &mut self.core.codes[at..at + self.slot_bytes])?;
+                    }
                 }
                 self.core.scales[0].extend_from_slice(&enc.scales);
                 self.core.zeros[0].extend_from_slice(&enc.zeros);
@@ -325,14 +379,8 @@ impl KeyStore {
             for i in 0..n {
                 let pos = first + i;
                 let base = (pos / self.block_tokens) * self.block_bytes();
-                let slot_bit = (pos % self.block_tokens) * bits as usize;
                 for c in 0..d {
-                    put_code(
-                        &mut self.core.codes[base..],
-                        (c * self.slot_bytes) * 8 + slot_bit,
-                        bits,
-                        codes[i * d + c],
-                    );
+                    self.put(base, pos % self.block_tokens, c, codes[i * d + c]);
                 }
                 for g in 0..groups {
                     self.core.scales[g].push(enc.scales[i * groups + g]);
@@ -348,13 +396,32 @@ impl KeyStore {
 pub(crate) struct ValueStore {
     pub core: UnitCore,
     pub row_bytes: usize,
+    /// Codes in [`int8`] value tiles rather than one bit run per token.
+    pub tiled: bool,
 }
 
 impl ValueStore {
-    pub fn new(spec: &QuantizerSpec, bits: u8, head_dim: usize, what: &str) -> Result<ValueStore> {
+    pub fn new(
+        spec: &QuantizerSpec,
+        bits: u8,
+        head_dim: usize,
+        what: &str,
+        tiled: bool,
+    ) -> Result<ValueStore> {
         let core = UnitCore::new(spec, bits, Kind::V, head_dim, what)?;
+        if tiled {
+            check_tiled(&core, what)?;
+        }
         let row_bytes = pack::packed_len(head_dim, bits);
-        Ok(ValueStore { core, row_bytes })
+        Ok(ValueStore {
+            core,
+            row_bytes,
+            tiled,
+        })
+    }
+
+    pub fn tile_bytes(&self) -> usize {
+        int8::value_tile_bytes(self.core.head_dim, self.core.bits)
     }
 
     /// Quantizes tokens `[self.quantized, self.quantized + n)`, whose rows are `rows`.
@@ -365,15 +432,27 @@ impl ValueStore {
         let d = self.core.head_dim;
         let (codes, enc) = self.core.encode(&rows[..n * d], n)?;
         let groups = self.core.layout.channel_groups(d);
-        let start = self.core.code_bytes();
-        self.core.grow_codes(start + n * self.row_bytes);
+        let first = self.core.quantized;
+        let bits = self.core.bits;
+        if self.tiled {
+            let tiles = (first + n).div_ceil(int8::VALUE_TILE_TOKENS);
+            self.core.grow_codes(tiles * self.tile_bytes());
+        } else {
+            self.core.grow_codes((first + n) * self.row_bytes);
+        }
         for i in 0..n {
-            let at = start + i * self.row_bytes;
-            pack::pack(
-                &codes[i * d..(i + 1) * d],
-                self.core.bits,
-                &mut self.core.codes[at..at + self.row_bytes],
-            )?;
+            let pos = first + i;
+            let row = &codes[i * d..(i + 1) * d];
+            if self.tiled {
+                let at = pos / int8::VALUE_TILE_TOKENS * self.tile_bytes();
+                let t = pos % int8::VALUE_TILE_TOKENS;
+                for (c, &code) in row.iter().enumerate() {
+                    int8::put_value_code(&mut self.core.codes[at..], bits, t, c, code);
+                }
+            } else {
+                let at = pos * self.row_bytes;
+                pack::pack(row, bits, &mut self.core.codes[at..at + self.row_bytes])?;
+            }
             for g in 0..groups {
                 self.core.scales[g].push(enc.scales[i * groups + g]);
                 self.core.zeros[g].push(enc.zeros[i * groups + g]);

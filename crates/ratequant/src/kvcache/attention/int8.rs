@@ -307,19 +307,55 @@ pub fn value_accumulate(
     }
 }
 
-/// Quantizes `x` to signed 8-bit weights with one scale (`max |x| / 127`): returns the scale,
-/// 0 when every `x` is 0. Round to nearest even, so any vectorised copy of this loop agrees.
-pub fn quantize_i8(x: &[f32], out: &mut [i8]) -> f32 {
+/// Rounds `x` to signed 8-bit weights with one scale `σ = max|x| / 127` and returns `σ`
+/// (0, with every weight 0, when `x` is all zeros): `hi = round(x/σ)`, ties to even. With
+/// `lo`, also the residual to 1/254 of that step: `lo = round((x/σ − hi)·254)`, so that
+/// `x ≈ σ·(hi + lo/254)`. `x` must be finite. The AVX-512 version (used where VNNI is) gives
+/// the same bytes.
+pub fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f32 {
+    assert!(hi.len() >= x.len() && lo.as_ref().is_none_or(|l| l.len() >= x.len()));
+    #[cfg(target_arch = "x86_64")]
+    if vnni_available_cached() {
+        // SAFETY: AVX-512 F/BW detected; lengths asserted.
+        return unsafe { super::int8_avx512::quantize_i8(x, hi, lo) };
+    }
+    quantize_i8_scalar(x, hi, lo)
+}
+
+/// The definition of [`quantize_i8`].
+pub fn quantize_i8_scalar(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f32 {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    if amax == 0.0 || !amax.is_finite() {
-        out[..x.len()].fill(0);
+    if amax == 0.0 {
+        hi[..x.len()].fill(0);
+        if let Some(lo) = lo {
+            lo[..x.len()].fill(0);
+        }
         return 0.0;
     }
-    let inv = 127.0 / amax;
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = (v * inv).round_ties_even() as i8;
+    let k = 127.0 / amax;
+    match lo {
+        None => {
+            for (h, v) in hi.iter_mut().zip(x) {
+                *h = (v * k).round_ties_even() as i8;
+            }
+        }
+        Some(lo) => {
+            for ((h, l), v) in hi.iter_mut().zip(lo.iter_mut()).zip(x) {
+                let t = v * k;
+                let r = t.round_ties_even();
+                *h = r as i8;
+                *l = ((t - r) * 254.0).round_ties_even() as i8;
+            }
+        }
     }
     amax / 127.0
+}
+
+/// [`vnni_available`] asked once.
+#[cfg(target_arch = "x86_64")]
+fn vnni_available_cached() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(vnni_available)
 }
 
 #[cfg(test)]
@@ -450,11 +486,43 @@ mod tests {
     #[test]
     fn quantize_i8_rounds_to_the_shared_scale() {
         let x = [0.5f32, -1.27, 0.0, 1.27, 0.004];
-        let mut q = [0i8; 5];
-        let s = quantize_i8(&x, &mut q);
+        let mut q = [1i8; 5];
+        let s = quantize_i8_scalar(&x, &mut q, None);
         assert!((s - 0.01).abs() < 1e-7);
         assert_eq!(q, [50, -127, 0, 127, 0]);
-        assert_eq!(quantize_i8(&[0.0; 3], &mut q), 0.0);
-        assert_eq!(&q[..3], &[0, 0, 0]);
+        let mut lo = [0i8; 5];
+        quantize_i8_scalar(&x, &mut q, Some(&mut lo));
+        // 0.004 is 0.4 steps: hi 0, lo round(0.4·254) = 102 (up to the f32 rounding of 0.4).
+        assert_eq!(q[4], 0);
+        assert!((101..=102).contains(&lo[4]), "{lo:?}");
+        assert_eq!(quantize_i8_scalar(&[0.0; 3], &mut q, Some(&mut lo)), 0.0);
+        assert_eq!((&q[..3], &lo[..3]), (&[0i8, 0, 0][..], &[0i8, 0, 0][..]));
+    }
+
+    #[test]
+    fn quantize_i8_dispatch_equals_the_definition() {
+        let mut seed = 9;
+        for n in [1usize, 15, 16, 17, 32, 64, 100] {
+            for trial in 0..20 {
+                let x: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let u = lcg(&mut seed) as f32 / (1u64 << 31) as f32 - 1.0;
+                        // Exact ties and zeros too.
+                        match (trial + i) % 9 {
+                            0 => 0.0,
+                            1 => 0.5 * (i as f32 + 1.0),
+                            _ => u * (1.0 + trial as f32),
+                        }
+                    })
+                    .collect();
+                let (mut h1, mut l1, mut h2, mut l2) =
+                    (vec![0i8; n], vec![0i8; n], vec![0i8; n], vec![0i8; n]);
+                let s1 = quantize_i8_scalar(&x, &mut h1, Some(&mut l1));
+                let s2 = quantize_i8(&x, &mut h2, Some(&mut l2));
+                assert_eq!((s1.to_bits(), &h1, &l1), (s2.to_bits(), &h2, &l2), "n {n}");
+                let s2 = quantize_i8(&x, &mut h2, None);
+                assert_eq!((s1.to_bits(), &h1), (s2.to_bits(), &h2), "n {n}");
+            }
+        }
     }
 }

@@ -208,5 +208,47 @@ unsafe fn plane_dot<const R: usize, const W: usize>(
     out
 }
 
+/// See [`super::int8::quantize_i8`]: the same bytes, 16 lanes at a time (`vcvtps2dq` rounds
+/// to nearest even, as `round_ties_even` does; `vpmovsdb` saturates as `as i8` does).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f32 {
+    let n = x.len();
+    let full = n / 16 * 16;
+    let tail: __mmask16 = ((1u32 << (n - full)) - 1) as u16;
+    let xp = x.as_ptr();
+    let mut m = _mm512_setzero_ps();
+    for i in (0..full).step_by(16) {
+        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xp.add(i))));
+    }
+    if tail != 0 {
+        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, xp.add(full))));
+    }
+    let amax = _mm512_reduce_max_ps(m);
+    if amax == 0.0 {
+        hi[..n].fill(0);
+        if let Some(lo) = lo {
+            lo[..n].fill(0);
+        }
+        return 0.0;
+    }
+    let k = _mm512_set1_ps(127.0 / amax);
+    let k254 = _mm512_set1_ps(254.0);
+    let hp = hi.as_mut_ptr();
+    let lp = lo.map(|l| l.as_mut_ptr());
+    let mut i = 0;
+    while i < n {
+        let mask = if i < full { 0xFFFF } else { tail };
+        let t = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xp.add(i)), k);
+        let h = _mm512_cvtps_epi32(t);
+        _mm512_mask_cvtsepi32_storeu_epi8(hp.add(i) as *mut _, mask, h);
+        if let Some(lp) = lp {
+            let r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), k254);
+            _mm512_mask_cvtsepi32_storeu_epi8(lp.add(i) as *mut _, mask, _mm512_cvtps_epi32(r));
+        }
+        i += 16;
+    }
+    amax / 127.0
+}
+
 // Keep the tile constants referenced here in step with the layout's definition.
 const _: () = assert!(KEY_TILE_TOKENS == 16 && VALUE_TILE_TOKENS == 32);

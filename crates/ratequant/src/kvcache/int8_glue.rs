@@ -1,0 +1,210 @@
+//! The glue around the integer kernels ([`super::attention::int8`]): the float factors of
+//! each sum are rounded to 8 bits with one scale per kernel call, the integer sums scaled
+//! back and the zero-points added in f32, exactly as the float path adds them.
+//!
+//! * Per-channel keys (KIVI): per block of `G` tokens, `w = q ∘ scale` (the block's channel
+//!   scales folded into the query, as the float path does) is rounded to `i8` with scale
+//!   `σ = max|w| / 127`; `score = σ · Σ_c w8_c · code_c + q · zero`.
+//! * Per-token keys (QuaRot, RTN): the query is rounded once per task; per channel group
+//!   `score += s_t · σ · Σ_{c∈g} q8_c · code_c + z_t · Σ_{c∈g} q_c`.
+//! * Values: per channel group and 32-token tile, `w_t = p_t · s_t` rounded to `i8` (all
+//!   weights are non-negative) with the tile's own scale; `Σ_t p_t · z_t` in f32.
+//!
+//! One `i8` per weight costs about as much accuracy as 2- or 3-bit codes lose anyway (on
+//! outlier-heavy synthetic keys the rounding error of the output is about a tenth of the
+//! quantization error at 2 bits), but as much as the quantization itself at 4 bits. So units
+//! of [`SPLIT_BITS`] bits or more use two `i8` per weight, `x ≈ σ·(hi + lo/254)`: the kernels
+//! take the `lo` rows as extra query rows (one unpack serves both), and the rounding error
+//! drops 254-fold.
+
+use super::attention::{self, int8};
+use super::store::{KeyStore, ValueStore};
+use super::{to_f32, QueryPrep};
+
+/// Units of this many bits or more round their weights to two `i8` (`hi + lo/254`).
+pub const SPLIT_BITS: u8 = 4;
+
+/// The scale of the `lo` part relative to the `hi` part.
+const LO: f32 = 1.0 / 254.0;
+
+/// Rounds row `r`'s weights `x` into `q8` (row `r`, and row `rows + r` for `lo` when split);
+/// returns the scale.
+#[inline(always)]
+fn round_weights(x: &[f32], q8: &mut [i8], r: usize, rows: usize, d: usize, split: bool) -> f32 {
+    let (his, los) = q8.split_at_mut(rows * d);
+    let hi = &mut his[r * d..(r + 1) * d];
+    let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
+    int8::quantize_i8(x, hi, lo)
+}
+
+/// Scores of quantized positions `a..e` into `scores[r·len + pos − a]` (tiled keys).
+#[inline(always)]
+pub(super) fn key_scores<const F16C: bool>(
+    vnni: bool,
+    key: &KeyStore,
+    prep: &QueryPrep,
+    a: usize,
+    e: usize,
+    scores: &mut [f32],
+    len: usize,
+) {
+    let core = &key.core;
+    let (d, bits, rows) = (core.head_dim, core.bits, prep.rows);
+    let g_tokens = key.block_tokens;
+    let tiles = g_tokens / int8::KEY_TILE_TOKENS;
+    let block_bytes = key.block_bytes();
+    let blocks = a / g_tokens..e.div_ceil(g_tokens);
+    // Rows `0..rows` hold `hi`, rows `rows..2·rows` `lo` when split.
+    let split = bits >= SPLIT_BITS;
+    let q_rows = if split { 2 * rows } else { rows };
+    let mut q8 = vec![0i8; q_rows * d];
+    let mut sigma = vec![0.0f32; rows];
+    let mut sums = vec![0i32; q_rows * g_tokens];
+    let (mut s, mut z) = (Vec::new(), Vec::new());
+    if core.layout.per_channel {
+        let range = blocks.start * d..blocks.end * d;
+        to_f32::<F16C>(&core.scales[0][range.clone()], &mut s);
+        to_f32::<F16C>(&core.zeros[0][range], &mut z);
+    } else {
+        for (r, row) in prep.q_packed.chunks_exact(d).enumerate() {
+            sigma[r] = round_weights(row, &mut q8, r, rows, d, split);
+        }
+    }
+    let mut w = vec![0.0f32; d];
+    let mut bias = vec![0.0f32; rows];
+    for blk in blocks.clone() {
+        let start = blk * g_tokens;
+        let (lo, hi) = (a.max(start) - start, e.min(start + g_tokens) - start);
+        let codes = &core.codes[blk * block_bytes..];
+        let out_at = start + lo - a;
+        if core.layout.per_channel {
+            let at = (blk - blocks.start) * d;
+            let (sb, zb) = (&s[at..at + d], &z[at..at + d]);
+            for (r, qr) in prep.q_packed.chunks_exact(d).enumerate() {
+                for ((w, q), s) in w.iter_mut().zip(qr).zip(sb) {
+                    *w = q * s;
+                }
+                sigma[r] = round_weights(&w, &mut q8, r, rows, d, split);
+                bias[r] = attention::dot_with::<F16C>(qr, zb);
+            }
+            let n = g_tokens;
+            int8::key_dot(vnni, codes, tiles, d, bits, 0..d, &q8, d, q_rows, &mut sums, n);
+            for r in 0..rows {
+                let dst = &mut scores[r * len + out_at..r * len + out_at + hi - lo];
+                let (sig, b) = (sigma[r], bias[r]);
+                let his = &sums[r * n + lo..r * n + hi];
+                if split {
+                    let los = &sums[(rows + r) * n + lo..(rows + r) * n + hi];
+                    for ((x, &h), &l) in dst.iter_mut().zip(his).zip(los) {
+                        *x = (h as f32).mul_add(sig, (l as f32).mul_add(sig * LO, b));
+                    }
+                } else {
+                    for (x, &h) in dst.iter_mut().zip(his) {
+                        *x = (h as f32).mul_add(sig, b);
+                    }
+                }
+            }
+        } else {
+            let group = core.layout.group;
+            let groups = core.layout.channel_groups(d);
+            for (g, c0) in (0..d).step_by(group).enumerate() {
+                let c1 = (c0 + group).min(d);
+                let n = g_tokens;
+                int8::key_dot(vnni, codes, tiles, d, bits, c0..c1, &q8, d, q_rows, &mut sums, n);
+                to_f32::<F16C>(&core.scales[g][start + lo..start + hi], &mut s);
+                to_f32::<F16C>(&core.zeros[g][start + lo..start + hi], &mut z);
+                for r in 0..rows {
+                    let qsum = prep.q_group_sums[r * groups + g];
+                    let dst = &mut scores[r * len + out_at..r * len + out_at + hi - lo];
+                    let his = &sums[r * n + lo..r * n + hi];
+                    let sig = sigma[r];
+                    if split {
+                        let los = &sums[(rows + r) * n + lo..(rows + r) * n + hi];
+                        for ((((x, &sc), &zz), &h), &l) in
+                            dst.iter_mut().zip(&s).zip(&z).zip(his).zip(los)
+                        {
+                            let dot = (h as f32).mul_add(sig, l as f32 * (sig * LO));
+                            *x += sc * dot + zz * qsum;
+                        }
+                    } else {
+                        for (((x, &sc), &zz), &h) in dst.iter_mut().zip(&s).zip(&z).zip(his) {
+                            *x += sc * (sig * h as f32) + zz * qsum;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accumulates `Σ_pos p[r][pos]·v[pos]` over quantized positions `a..e` into `acc`
+/// (`rows × head_dim`), `p[r][pos] = probs[r·len + pos − a]` (tiled values).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn values<const F16C: bool>(
+    vnni: bool,
+    value: &ValueStore,
+    probs: &[f32],
+    len: usize,
+    a: usize,
+    e: usize,
+    rows: usize,
+    acc: &mut [f32],
+) {
+    const T: usize = int8::VALUE_TILE_TOKENS;
+    let core = &value.core;
+    let (d, bits) = (core.head_dim, core.bits);
+    let tiles = a / T..e.div_ceil(T);
+    let nt = tiles.len();
+    let codes = &core.codes[tiles.start * value.tile_bytes()..];
+    let (mut s, mut z) = (Vec::new(), Vec::new());
+    let mut w = vec![0.0f32; nt * T];
+    // As for keys: rows `rows..2·rows` hold `lo` when split, accumulated apart and added.
+    let split = bits >= SPLIT_BITS;
+    let w_rows = if split { 2 * rows } else { rows };
+    let mut w8 = vec![0i8; w_rows * nt * T];
+    let mut sigma = vec![0.0f32; w_rows * nt];
+    let mut lo_acc = if split { vec![0.0f32; 2 * rows * d] } else { Vec::new() };
+    // Position `pos` sits at `w[pos − tiles.start·T]`; tokens outside `a..e` weigh 0.
+    let first = a - tiles.start * T;
+    for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
+        let c1 = (c0 + core.layout.group).min(d);
+        to_f32::<F16C>(&core.scales[g][a..e], &mut s);
+        to_f32::<F16C>(&core.zeros[g][a..e], &mut z);
+        for r in 0..rows {
+            let p = &probs[r * len..r * len + (e - a)];
+            let zero_part = attention::dot_with::<F16C>(p, &z);
+            for x in &mut acc[r * d + c0..r * d + c1] {
+                *x += zero_part;
+            }
+            for ((x, &pp), &sc) in w[first..first + (e - a)].iter_mut().zip(p).zip(&s) {
+                *x = pp * sc;
+            }
+            let (his, los) = w8.split_at_mut(rows * nt * T);
+            for (j, chunk) in w.chunks_exact(T).enumerate() {
+                let at = (r * nt + j) * T;
+                let hi = &mut his[at..at + T];
+                let lo = split.then(|| &mut los[at..at + T]);
+                let sig = int8::quantize_i8(chunk, hi, lo);
+                sigma[r * nt + j] = sig;
+                if split {
+                    sigma[(rows + r) * nt + j] = sig * LO;
+                }
+            }
+        }
+        let ws = nt * T;
+        if split {
+            // Both parts into a zeroed buffer (the lo rows land beside the hi rows), then added.
+            lo_acc.fill(0.0);
+            let ch = c0..c1;
+            int8::value_accumulate(vnni, codes, nt, d, bits, ch, &w8, ws, &sigma, nt, w_rows, &mut lo_acc, d);
+            for r in 0..rows {
+                for c in c0..c1 {
+                    acc[r * d + c] += lo_acc[r * d + c] + lo_acc[(rows + r) * d + c];
+                }
+            }
+        } else {
+            int8::value_accumulate(vnni, codes, nt, d, bits, c0..c1, &w8, ws, &sigma, nt, rows, acc, d);
+        }
+    }
+}
