@@ -17,7 +17,7 @@
 //! take the `lo` rows as extra query rows (one unpack serves both), and the rounding error
 //! drops 254-fold.
 
-use super::attention::{self, int8};
+use super::attention::int8;
 use super::store::{KeyStore, ValueStore};
 use super::{to_f32, QueryPrep};
 
@@ -26,16 +26,6 @@ pub const SPLIT_BITS: u8 = 4;
 
 /// The scale of the `lo` part relative to the `hi` part.
 const LO: f32 = 1.0 / 254.0;
-
-/// Rounds row `r`'s weights `x` into `q8` (row `r`, and row `rows + r` for `lo` when split);
-/// returns the scale.
-#[inline(always)]
-fn round_weights(x: &[f32], q8: &mut [i8], r: usize, rows: usize, d: usize, split: bool) -> f32 {
-    let (his, los) = q8.split_at_mut(rows * d);
-    let hi = &mut his[r * d..(r + 1) * d];
-    let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
-    int8::quantize_i8(x, hi, lo)
-}
 
 /// Scores of quantized positions `a..e` into `scores[r·len + pos − a]` (tiled keys).
 #[inline(always)]
@@ -61,16 +51,13 @@ pub(super) fn key_scores<const F16C: bool>(
     let mut sigma = vec![0.0f32; rows];
     let mut sums = vec![0i32; q_rows * g_tokens];
     let (mut s, mut z) = (Vec::new(), Vec::new());
-    if core.layout.per_channel {
-        let range = blocks.start * d..blocks.end * d;
-        to_f32::<F16C>(&core.scales[0][range.clone()], &mut s);
-        to_f32::<F16C>(&core.zeros[0][range], &mut z);
-    } else {
+    if !core.layout.per_channel {
         for (r, row) in prep.q_packed.chunks_exact(d).enumerate() {
-            sigma[r] = round_weights(row, &mut q8, r, rows, d, split);
+            let (his, los) = q8.split_at_mut(rows * d);
+            let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
+            sigma[r] = int8::quantize_i8(row, &mut his[r * d..(r + 1) * d], lo);
         }
     }
-    let mut w = vec![0.0f32; d];
     let mut bias = vec![0.0f32; rows];
     for blk in blocks.clone() {
         let start = blk * g_tokens;
@@ -78,14 +65,11 @@ pub(super) fn key_scores<const F16C: bool>(
         let codes = &core.codes[blk * block_bytes..];
         let out_at = start + lo - a;
         if core.layout.per_channel {
-            let at = (blk - blocks.start) * d;
-            let (sb, zb) = (&s[at..at + d], &z[at..at + d]);
+            let (sb, zb) = (&core.scales[0][blk * d..], &core.zeros[0][blk * d..]);
+            let (his, los) = q8.split_at_mut(rows * d);
             for (r, qr) in prep.q_packed.chunks_exact(d).enumerate() {
-                for ((w, q), s) in w.iter_mut().zip(qr).zip(sb) {
-                    *w = q * s;
-                }
-                sigma[r] = round_weights(&w, &mut q8, r, rows, d, split);
-                bias[r] = attention::dot_with::<F16C>(qr, zb);
+                let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
+                (sigma[r], bias[r]) = int8::key_weights(qr, sb, zb, &mut his[r * d..], lo);
             }
             let n = g_tokens;
             int8::key_dot(vnni, codes, tiles, d, bits, 0..d, &q8, d, q_rows, &mut sums, n);
@@ -157,38 +141,31 @@ pub(super) fn values<const F16C: bool>(
     let tiles = a / T..e.div_ceil(T);
     let nt = tiles.len();
     let codes = &core.codes[tiles.start * value.tile_bytes()..];
-    let (mut s, mut z) = (Vec::new(), Vec::new());
-    let mut w = vec![0.0f32; nt * T];
     // As for keys: rows `rows..2·rows` hold `lo` when split, accumulated apart and added.
     let split = bits >= SPLIT_BITS;
     let w_rows = if split { 2 * rows } else { rows };
     let mut w8 = vec![0i8; w_rows * nt * T];
     let mut sigma = vec![0.0f32; w_rows * nt];
     let mut lo_acc = if split { vec![0.0f32; 2 * rows * d] } else { Vec::new() };
-    // Position `pos` sits at `w[pos − tiles.start·T]`; tokens outside `a..e` weigh 0.
+    // Position `pos` sits at tile position `pos − tiles.start·T`; others weigh 0.
     let first = a - tiles.start * T;
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
         let c1 = (c0 + core.layout.group).min(d);
-        to_f32::<F16C>(&core.scales[g][a..e], &mut s);
-        to_f32::<F16C>(&core.zeros[g][a..e], &mut z);
+        let (s, z) = (&core.scales[g][a..e], &core.zeros[g][a..e]);
+        let (his, los) = w8.split_at_mut(rows * nt * T);
+        let (sig_hi, sig_lo) = sigma.split_at_mut(rows * nt);
         for r in 0..rows {
             let p = &probs[r * len..r * len + (e - a)];
-            let zero_part = attention::dot_with::<F16C>(p, &z);
+            let at = r * nt * T..(r + 1) * nt * T;
+            let lo = split.then(|| &mut los[at.clone()]);
+            let sig = &mut sig_hi[r * nt..(r + 1) * nt];
+            let zero_part = int8::value_weights(p, s, z, first, &mut his[at], lo, sig);
             for x in &mut acc[r * d + c0..r * d + c1] {
                 *x += zero_part;
             }
-            for ((x, &pp), &sc) in w[first..first + (e - a)].iter_mut().zip(p).zip(&s) {
-                *x = pp * sc;
-            }
-            let (his, los) = w8.split_at_mut(rows * nt * T);
-            for (j, chunk) in w.chunks_exact(T).enumerate() {
-                let at = (r * nt + j) * T;
-                let hi = &mut his[at..at + T];
-                let lo = split.then(|| &mut los[at..at + T]);
-                let sig = int8::quantize_i8(chunk, hi, lo);
-                sigma[r * nt + j] = sig;
-                if split {
-                    sigma[(rows + r) * nt + j] = sig * LO;
+            if split {
+                for (l, &h) in sig_lo[r * nt..(r + 1) * nt].iter_mut().zip(sig.iter()) {
+                    *l = h * LO;
                 }
             }
         }

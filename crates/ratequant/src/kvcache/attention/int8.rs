@@ -150,12 +150,13 @@ pub fn check_layout(head_dim: usize, group: usize, per_channel: bool, is_key: bo
     Ok(())
 }
 
-/// Whether the VNNI kernels can run here (AVX-512 F, BW and VNNI).
+/// Whether the VNNI kernels can run here (AVX-512 F, BW, VL and VNNI).
 pub fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -351,6 +352,103 @@ pub fn quantize_i8_scalar(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f3
     amax / 127.0
 }
 
+/// The weights of one query row against one block of per-channel keys: `w = q ∘ s` rounded by
+/// [`quantize_i8`] into `hi` (and `lo`), and the zero-point term `Σ_c q_c·z_c`. Returns
+/// `(σ, bias)`. The AVX-512 version gives the same bytes and `σ`; `bias` may differ in
+/// rounding (another summation order).
+pub fn key_weights(
+    q: &[f32],
+    s: &[half::f16],
+    z: &[half::f16],
+    hi: &mut [i8],
+    lo: Option<&mut [i8]>,
+) -> (f32, f32) {
+    let d = q.len();
+    assert!(s.len() >= d && z.len() >= d && hi.len() >= d);
+    assert!(d <= 512, "key_weights: head_dim {d} above 512");
+    #[cfg(target_arch = "x86_64")]
+    if vnni_available_cached() && is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX-512 F/BW/VL and F16C detected; lengths asserted.
+        return unsafe { super::int8_avx512::key_weights(q, s, z, hi, lo) };
+    }
+    key_weights_scalar(q, s, z, hi, lo)
+}
+
+/// The definition of [`key_weights`].
+pub fn key_weights_scalar(
+    q: &[f32],
+    s: &[half::f16],
+    z: &[half::f16],
+    hi: &mut [i8],
+    lo: Option<&mut [i8]>,
+) -> (f32, f32) {
+    let mut w = [0.0f32; 512];
+    let w = &mut w[..q.len()];
+    let mut bias = 0.0f32;
+    for (((w, &q), s), z) in w.iter_mut().zip(q).zip(s).zip(z) {
+        *w = q * s.to_f32();
+        bias = q.mul_add(z.to_f32(), bias);
+    }
+    (quantize_i8_scalar(w, hi, lo), bias)
+}
+
+/// The weights of one query row and one channel group over value tiles: probability `p[i]`
+/// of the token at tile position `first + i` (`first < 32`) times its scale `s[i]`, rounded
+/// per tile of 32 positions by [`quantize_i8`] into `hi[32·j..]` (and `lo`) with scale
+/// `sigma[j]`; positions outside `first..first + n` weigh 0. Returns `Σ_i p[i]·z[i]`. The
+/// AVX-512 version gives the same bytes and scales; the returned sum may differ in rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn value_weights(
+    p: &[f32],
+    s: &[half::f16],
+    z: &[half::f16],
+    first: usize,
+    hi: &mut [i8],
+    lo: Option<&mut [i8]>,
+    sigma: &mut [f32],
+) -> f32 {
+    let n = p.len();
+    let tiles = (first + n).div_ceil(VALUE_TILE_TOKENS);
+    assert!(first < VALUE_TILE_TOKENS && s.len() >= n && z.len() >= n);
+    assert!(hi.len() >= tiles * VALUE_TILE_TOKENS && sigma.len() >= tiles);
+    assert!(lo.as_ref().is_none_or(|l| l.len() >= tiles * VALUE_TILE_TOKENS));
+    #[cfg(target_arch = "x86_64")]
+    if vnni_available_cached() && is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX-512 F/BW and F16C detected; lengths asserted.
+        return unsafe { super::int8_avx512::value_weights(p, s, z, first, hi, lo, sigma) };
+    }
+    value_weights_scalar(p, s, z, first, hi, lo, sigma)
+}
+
+/// The definition of [`value_weights`].
+#[allow(clippy::too_many_arguments)]
+pub fn value_weights_scalar(
+    p: &[f32],
+    s: &[half::f16],
+    z: &[half::f16],
+    first: usize,
+    hi: &mut [i8],
+    mut lo: Option<&mut [i8]>,
+    sigma: &mut [f32],
+) -> f32 {
+    const T: usize = VALUE_TILE_TOKENS;
+    let n = p.len();
+    let mut zero = 0.0f32;
+    for (&p, z) in p.iter().zip(z) {
+        zero = p.mul_add(z.to_f32(), zero);
+    }
+    let mut w = [0.0f32; T];
+    for j in 0..(first + n).div_ceil(T) {
+        for (t, w) in w.iter_mut().enumerate() {
+            let i = (j * T + t).wrapping_sub(first);
+            *w = if i < n { p[i] * s[i].to_f32() } else { 0.0 };
+        }
+        let lo = lo.as_deref_mut().map(|l| &mut l[j * T..(j + 1) * T]);
+        sigma[j] = quantize_i8_scalar(&w, &mut hi[j * T..(j + 1) * T], lo);
+    }
+    zero
+}
+
 /// [`vnni_available`] asked once.
 #[cfg(target_arch = "x86_64")]
 fn vnni_available_cached() -> bool {
@@ -497,6 +595,43 @@ mod tests {
         assert!((101..=102).contains(&lo[4]), "{lo:?}");
         assert_eq!(quantize_i8_scalar(&[0.0; 3], &mut q, Some(&mut lo)), 0.0);
         assert_eq!((&q[..3], &lo[..3]), (&[0i8, 0, 0][..], &[0i8, 0, 0][..]));
+    }
+
+    #[test]
+    fn weight_builders_dispatch_equal_their_definitions() {
+        use half::f16;
+        let mut seed = 3;
+        let mut f = |scale: f32| (lcg(&mut seed) as f32 / (1u64 << 31) as f32 - 0.5) * scale;
+        for d in [32usize, 64, 256] {
+            let q: Vec<f32> = (0..d).map(|_| f(4.0)).collect();
+            let s: Vec<f16> = (0..d).map(|_| f16::from_f32(f(1.0).abs())).collect();
+            let z: Vec<f16> = (0..d).map(|_| f16::from_f32(f(3.0))).collect();
+            for split in [false, true] {
+                let (mut h1, mut l1, mut h2, mut l2) =
+                    (vec![0i8; d], vec![0i8; d], vec![0i8; d], vec![0i8; d]);
+                let (s1, b1) = key_weights_scalar(&q, &s, &z, &mut h1, split.then_some(&mut l1[..]));
+                let (s2, b2) = key_weights(&q, &s, &z, &mut h2, split.then_some(&mut l2[..]));
+                assert_eq!((s1.to_bits(), &h1, &l1), (s2.to_bits(), &h2, &l2), "keys d {d}");
+                assert!((b1 - b2).abs() <= 1e-5 * (1.0 + b1.abs()), "{b1} vs {b2}");
+            }
+        }
+        for (first, n) in [(0usize, 1usize), (0, 32), (5, 27), (31, 1), (7, 100), (0, 1024), (13, 1011)] {
+            let p: Vec<f32> = (0..n).map(|_| f(2.0).abs()).collect();
+            let s: Vec<f16> = (0..n).map(|_| f16::from_f32(f(1.0).abs())).collect();
+            let z: Vec<f16> = (0..n).map(|_| f16::from_f32(f(3.0))).collect();
+            let tiles = (first + n).div_ceil(32);
+            for split in [false, true] {
+                let mut a = (vec![9i8; tiles * 32], vec![9i8; tiles * 32], vec![0f32; tiles]);
+                let mut b = (vec![9i8; tiles * 32], vec![9i8; tiles * 32], vec![0f32; tiles]);
+                let za = value_weights_scalar(&p, &s, &z, first, &mut a.0, split.then_some(&mut a.1[..]), &mut a.2);
+                let zb = value_weights(&p, &s, &z, first, &mut b.0, split.then_some(&mut b.1[..]), &mut b.2);
+                assert_eq!(a, b, "values first {first} n {n} split {split}");
+                assert!((za - zb).abs() <= 1e-4 * (1.0 + za.abs()), "{za} vs {zb}");
+                // Positions outside the tokens weigh nothing.
+                assert!(a.0[..first].iter().all(|&x| x == 0));
+                assert!(a.0[first + n..].iter().all(|&x| x == 0));
+            }
+        }
     }
 
     #[test]

@@ -210,7 +210,7 @@ unsafe fn plane_dot<const R: usize, const W: usize>(
 
 /// See [`super::int8::quantize_i8`]: the same bytes, 16 lanes at a time (`vcvtps2dq` rounds
 /// to nearest even, as `round_ties_even` does; `vpmovsdb` saturates as `as i8` does).
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f32 {
     let n = x.len();
     let full = n / 16 * 16;
@@ -248,6 +248,100 @@ pub(super) unsafe fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>
         i += 16;
     }
     amax / 127.0
+}
+
+/// See [`super::int8::key_weights`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(super) unsafe fn key_weights(
+    q: &[f32],
+    s: &[half::f16],
+    z: &[half::f16],
+    hi: &mut [i8],
+    lo: Option<&mut [i8]>,
+) -> (f32, f32) {
+    let d = q.len();
+    let mut w = [0.0f32; 512];
+    let mut bias = [_mm512_setzero_ps(); 2];
+    let (qp, sp, zp) = (q.as_ptr(), s.as_ptr() as *const u16, z.as_ptr() as *const u16);
+    let mut i = 0;
+    while i < d {
+        let mask: __mmask16 = if i + 16 <= d { 0xFFFF } else { ((1u32 << (d - i)) - 1) as u16 };
+        let qv = _mm512_maskz_loadu_ps(mask, qp.add(i));
+        let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sp.add(i) as *const _));
+        let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, zp.add(i) as *const _));
+        _mm512_storeu_ps(w.as_mut_ptr().add(i), _mm512_mul_ps(qv, sv));
+        let b = &mut bias[(i / 16) & 1];
+        *b = _mm512_fmadd_ps(qv, zv, *b);
+        i += 16;
+    }
+    let bias = _mm512_reduce_add_ps(_mm512_add_ps(bias[0], bias[1]));
+    (quantize_i8(&w[..d], hi, lo), bias)
+}
+
+/// See [`super::int8::value_weights`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(super) unsafe fn value_weights(
+    p: &[f32],
+    s: &[half::f16],
+    z: &[half::f16],
+    first: usize,
+    hi: &mut [i8],
+    lo: Option<&mut [i8]>,
+    sigma: &mut [f32],
+) -> f32 {
+    let n = p.len();
+    let tiles = (first + n).div_ceil(VALUE_TILE_TOKENS);
+    let (pp, sp, zp) = (p.as_ptr(), s.as_ptr() as *const u16, z.as_ptr() as *const u16);
+    let (hp, lp) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
+    let mut zero = [_mm512_setzero_ps(); 2];
+    let k254 = _mm512_set1_ps(254.0);
+    for j in 0..tiles {
+        // Lanes of the two halves: tile position t ↔ token i = 32j + t − first, kept if i < n.
+        let mut w = [_mm512_setzero_ps(); 2];
+        let mut masks = [0 as __mmask16; 2];
+        for (half, (wv, m)) in w.iter_mut().zip(masks.iter_mut()).enumerate() {
+            let pos = j * VALUE_TILE_TOKENS + half * 16;
+            // Token index of lane 0 (may be "negative": lanes below `first` are masked off).
+            let base = pos as isize - first as isize;
+            let mut mask: u32 = 0xFFFF;
+            if base < 0 {
+                mask &= 0xFFFF << (-base) as u32;
+            }
+            let left = n as isize - base;
+            if left < 16 {
+                mask &= if left <= 0 { 0 } else { (1u32 << left) - 1 };
+            }
+            *m = mask as u16;
+            let pv = _mm512_maskz_loadu_ps(*m, pp.wrapping_offset(base));
+            let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(*m, sp.wrapping_offset(base) as *const _));
+            let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(*m, zp.wrapping_offset(base) as *const _));
+            *wv = _mm512_mul_ps(pv, sv);
+            zero[half] = _mm512_fmadd_ps(pv, zv, zero[half]);
+        }
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(w[0]), _mm512_abs_ps(w[1])));
+        let at = j * VALUE_TILE_TOKENS;
+        if amax == 0.0 {
+            sigma[j] = 0.0;
+            _mm256_storeu_si256(hp.add(at) as *mut _, _mm256_setzero_si256());
+            if let Some(lp) = lp {
+                _mm256_storeu_si256(lp.add(at) as *mut _, _mm256_setzero_si256());
+            }
+            continue;
+        }
+        let k = _mm512_set1_ps(127.0 / amax);
+        for (half, wv) in w.iter().enumerate() {
+            let t = _mm512_mul_ps(*wv, k);
+            let h = _mm512_cvtps_epi32(t);
+            _mm_storeu_si128(hp.add(at + half * 16) as *mut _, _mm512_cvtsepi32_epi8(h));
+            if let Some(lp) = lp {
+                let r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), k254);
+                let l = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r));
+                _mm_storeu_si128(lp.add(at + half * 16) as *mut _, l);
+            }
+        }
+        sigma[j] = amax / 127.0;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(zero[0], zero[1]))
 }
 
 // Keep the tile constants referenced here in step with the layout's definition.
