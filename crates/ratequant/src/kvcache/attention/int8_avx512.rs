@@ -115,16 +115,17 @@ unsafe fn value_rows<const R: usize>(
     acc: *mut f32,
     acc_stride: usize,
 ) {
+    // Tile by tile, so the codes stream in order (lane groups inside a tile are adjacent);
+    // the f32 sums live in `acc`, which stays in L1.
     let tile_bytes = value_tile_bytes(d, bits);
-    for lane_group in c0 / 16..c1 / 16 {
-        // The f32 sums of these 16 channels stay in registers across the tiles.
-        let mut f = [_mm512_setzero_ps(); R];
-        for (r, x) in f.iter_mut().enumerate() {
-            *x = _mm512_loadu_ps(acc.add(r * acc_stride + lane_group * 16));
+    for tile in 0..tiles {
+        let wt = w.add(tile * VALUE_TILE_TOKENS);
+        let mut s = [_mm512_setzero_ps(); R];
+        for (r, x) in s.iter_mut().enumerate() {
+            *x = _mm512_set1_ps(*scale.add(r * scale_stride + tile));
         }
-        for tile in 0..tiles {
+        for lane_group in c0 / 16..c1 / 16 {
             let base = codes.add(tile * tile_bytes + 64 * lane_group * bits as usize);
-            let wt = w.add(tile * VALUE_TILE_TOKENS);
             let mut total = [_mm512_setzero_si512(); R];
             for (pw, off) in planes(bits) {
                 let panel = base.add(64 * off as usize);
@@ -132,12 +133,10 @@ unsafe fn value_rows<const R: usize>(
                 add_shifted(&mut total, &sums, off);
             }
             for r in 0..R {
-                let s = _mm512_set1_ps(*scale.add(r * scale_stride + tile));
-                f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), s, f[r]);
+                let dst = acc.add(r * acc_stride + lane_group * 16);
+                let f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), s[r], _mm512_loadu_ps(dst));
+                _mm512_storeu_ps(dst, f);
             }
-        }
-        for (r, x) in f.iter().enumerate() {
-            _mm512_storeu_ps(acc.add(r * acc_stride + lane_group * 16), *x);
         }
     }
 }
@@ -250,7 +249,8 @@ pub(super) unsafe fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>
     amax / 127.0
 }
 
-/// See [`super::int8::key_weights`].
+/// See [`super::int8::key_weights`]: `w` is built and its maximum taken in one pass, then
+/// rounded from the stack (no zero-filled scratch: every lane read was written).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 pub(super) unsafe fn key_weights(
     q: &[f32],
@@ -260,22 +260,47 @@ pub(super) unsafe fn key_weights(
     lo: Option<&mut [i8]>,
 ) -> (f32, f32) {
     let d = q.len();
-    let mut w = [0.0f32; 512];
+    let mut w = std::mem::MaybeUninit::<[__m512; 32]>::uninit();
+    let wp = w.as_mut_ptr() as *mut __m512;
     let mut bias = [_mm512_setzero_ps(); 2];
+    let mut m = _mm512_setzero_ps();
     let (qp, sp, zp) = (q.as_ptr(), s.as_ptr() as *const u16, z.as_ptr() as *const u16);
-    let mut i = 0;
-    while i < d {
+    let chunks = d.div_ceil(16);
+    for j in 0..chunks {
+        let i = 16 * j;
         let mask: __mmask16 = if i + 16 <= d { 0xFFFF } else { ((1u32 << (d - i)) - 1) as u16 };
         let qv = _mm512_maskz_loadu_ps(mask, qp.add(i));
         let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sp.add(i) as *const _));
         let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, zp.add(i) as *const _));
-        _mm512_storeu_ps(w.as_mut_ptr().add(i), _mm512_mul_ps(qv, sv));
-        let b = &mut bias[(i / 16) & 1];
-        *b = _mm512_fmadd_ps(qv, zv, *b);
-        i += 16;
+        let wv = _mm512_mul_ps(qv, sv);
+        wp.add(j).write(wv);
+        m = _mm512_max_ps(m, _mm512_abs_ps(wv));
+        bias[j & 1] = _mm512_fmadd_ps(qv, zv, bias[j & 1]);
     }
     let bias = _mm512_reduce_add_ps(_mm512_add_ps(bias[0], bias[1]));
-    (quantize_i8(&w[..d], hi, lo), bias)
+    let amax = _mm512_reduce_max_ps(m);
+    let (hp, lp) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
+    if amax == 0.0 {
+        std::ptr::write_bytes(hp, 0, d);
+        if let Some(lp) = lp {
+            std::ptr::write_bytes(lp, 0, d);
+        }
+        return (0.0, bias);
+    }
+    let k = _mm512_set1_ps(127.0 / amax);
+    let k254 = _mm512_set1_ps(254.0);
+    for j in 0..chunks {
+        let i = 16 * j;
+        let mask: __mmask16 = if i + 16 <= d { 0xFFFF } else { ((1u32 << (d - i)) - 1) as u16 };
+        let t = _mm512_mul_ps(wp.add(j).read(), k);
+        let h = _mm512_cvtps_epi32(t);
+        _mm512_mask_cvtsepi32_storeu_epi8(hp.add(i) as *mut _, mask, h);
+        if let Some(lp) = lp {
+            let r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), k254);
+            _mm512_mask_cvtsepi32_storeu_epi8(lp.add(i) as *mut _, mask, _mm512_cvtps_epi32(r));
+        }
+    }
+    (amax / 127.0, bias)
 }
 
 /// See [`super::int8::value_weights`].
