@@ -329,6 +329,10 @@ pub struct QuantSetting<'a> {
     pub residual: usize,
     /// Tile (the historical default) or exactly the packed cache's storage rule.
     pub semantics: SimSemantics,
+    /// Evaluate through the real packed cache (`generate`'s) with these units, in
+    /// [`ratequant::kvcache::CacheShape::unit_index`] order, and this attention kernel, instead
+    /// of the simulation (`semantics` is then moot: the packed cache is what `Packed` simulates).
+    pub packed: Option<(Vec<ratequant::kvcache::UnitFormat>, ratequant::kvcache::AttentionKernel)>,
 }
 
 /// Evaluates `decoder` on `tokens` (the whole text, tokenized with BOS as the model adds it).
@@ -376,9 +380,24 @@ pub fn evaluate(
     let llama_range = Protocol::Llama.scored_positions(options.ctx);
     let headline_range = options.protocol.scored_positions(options.ctx);
     let mut fp_cache = FpCache::new(config.num_layers);
-    let mut quant_cache = quant
-        .as_ref()
-        .map(|q| SimQuantCache::with_semantics(q.plan.clone(), q.residual, q.semantics));
+    let mut quant_cache: Option<Box<dyn KvCache>> = match &quant {
+        None => None,
+        Some(q) => Some(match &q.packed {
+            None => Box::new(SimQuantCache::with_semantics(
+                q.plan.clone(),
+                q.residual,
+                q.semantics,
+            )),
+            Some((units, kernel)) => Box::new(crate::kv_packed::PackedCache::with_kernel(
+                config.num_layers,
+                config.num_kv_heads,
+                config.head_dim,
+                units,
+                q.residual,
+                *kernel,
+            )?),
+        }),
+    };
     for (i, chunk) in chunks.iter().enumerate() {
         fp_cache.reset();
         let t0 = Instant::now();
@@ -389,7 +408,7 @@ pub fn evaluate(
             Some(cache) => {
                 cache.reset();
                 let t0 = Instant::now();
-                let logits = decoder.forward(chunk, cache)?;
+                let logits = decoder.forward(chunk, cache.as_mut())?;
                 eval_seconds += t0.elapsed().as_secs_f64();
                 let fp_scores = score_chunk(chunk, &fp_logits, None)?;
                 fp_scores.nll[headline_range.clone()]

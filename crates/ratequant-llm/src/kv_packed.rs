@@ -15,7 +15,9 @@
 use candle_core::{DType, Result, Tensor};
 
 use ratequant::formats::Plan;
-use ratequant::kvcache::{AttentionParams, CacheShape, MemoryReport, PackedKvCache, UnitFormat};
+use ratequant::kvcache::{
+    AttentionKernel, AttentionParams, CacheShape, MemoryReport, PackedKvCache, UnitFormat,
+};
 use ratequant::quant::{Kind, QuantizerSpec};
 
 use crate::kv::{AttnParams, KvCache};
@@ -39,13 +41,25 @@ impl PackedCache {
         units: &[UnitFormat],
         residual: usize,
     ) -> Result<Self> {
+        Self::with_kernel(layers, kv_heads, head_dim, units, residual, AttentionKernel::Float)
+    }
+
+    /// [`PackedCache::new`] with the given attention kernel (`Int8`: faster, approximate).
+    pub fn with_kernel(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        units: &[UnitFormat],
+        residual: usize,
+        kernel: AttentionKernel,
+    ) -> Result<Self> {
         let shape = CacheShape {
             layers,
             kv_heads,
             head_dim,
         };
         Ok(PackedCache {
-            cache: PackedKvCache::new(shape, units, residual).map_err(wrap)?,
+            cache: PackedKvCache::with_kernel(shape, units, residual, kernel).map_err(wrap)?,
             len: 0,
         })
     }

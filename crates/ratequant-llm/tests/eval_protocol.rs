@@ -168,6 +168,7 @@ fn divergence_against_full_precision() {
             plan: &plan,
             residual: 0,
             semantics: SimSemantics::Tile,
+            packed: None,
         }),
         &mut |_, _| {},
     )
@@ -191,6 +192,7 @@ fn divergence_against_full_precision() {
             plan: &plan,
             residual: 0,
             semantics: SimSemantics::Tile,
+            packed: None,
         }),
         &mut |d, t| calls.push((d, t)),
     )
@@ -234,6 +236,7 @@ fn bad_inputs_are_clear_errors() {
             plan: &plan,
             residual: 0,
             semantics: SimSemantics::Tile,
+            packed: None,
         }),
         &mut |_, _| {},
     )
@@ -250,4 +253,55 @@ fn bad_inputs_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("maximum context"), "{err}");
+}
+
+#[test]
+fn the_real_packed_cache_evaluates_like_its_simulation() {
+    // `eval --packed-kernel`: the packed cache behind the decoder. Its float kernels equal the
+    // packed-semantics simulation up to float rounding; the int8 kernels stay close to both
+    // but are not the same numbers.
+    use ratequant::kvcache::{AttentionKernel, UnitFormat};
+    let mut config = tiny_config(Arch::Llama, RopeLayout::Halves);
+    config.head_dim = 32; // the int8 tiles need a multiple of 32
+    let weights = random_weights(&config, 3).unwrap();
+    let decoder = Decoder::new(&config, &weights).unwrap();
+    let mut rng = SplitMix64::new(4);
+    let text: Vec<u32> = (0..129)
+        .map(|_| (rng.next_u64() % config.vocab_size as u64) as u32)
+        .collect();
+    let options = EvalOptions {
+        ctx: 64,
+        max_chunks: None,
+        protocol: Protocol::Full,
+    };
+    let spec = QuantizerSpec::parse("kivi:g=16").unwrap();
+    let kivi = Arc::from(quant::build(&spec).unwrap());
+    let plan = KvQuantPlan::uniform(kivi, 2, config.num_layers, config.num_kv_heads).unwrap();
+    let units = vec![
+        UnitFormat {
+            quantizer: spec,
+            bits: 2
+        };
+        config.num_layers * config.num_kv_heads * 2
+    ];
+    let run = |packed| {
+        let q = QuantSetting {
+            plan: &plan,
+            residual: 8,
+            semantics: SimSemantics::Packed,
+            packed,
+        };
+        evaluate(&decoder, &text, &options, Some(q), &mut |_, _| {}).unwrap()
+    };
+    let sim = run(None);
+    let float = run(Some((units.clone(), AttentionKernel::Float)));
+    let int8 = run(Some((units, AttentionKernel::Int8)));
+    let kl = |r: &ratequant_llm::eval::EvalReport| r.divergence.as_ref().unwrap().mean_kl;
+    let rel = |a: f64, b: f64| ((a - b) / b).abs();
+    assert!(kl(&sim) > 1e-4, "2-bit quantization must show: KL {}", kl(&sim));
+    let ppl = |r: &ratequant_llm::eval::EvalReport| r.perplexity.perplexity;
+    assert!(rel(ppl(&float), ppl(&sim)) < 1e-5, "{} vs {}", ppl(&float), ppl(&sim));
+    assert!(rel(kl(&float), kl(&sim)) < 1e-3);
+    assert_ne!(ppl(&int8), ppl(&float));
+    assert!(rel(kl(&int8), kl(&float)) < 0.25, "KL int8 {} vs float {}", kl(&int8), kl(&float));
 }

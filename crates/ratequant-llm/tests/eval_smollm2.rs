@@ -32,6 +32,7 @@ fn smollm2_botchan_fp_and_kivi2() {
             plan: &plan,
             residual: 0,
             semantics: SimSemantics::Tile,
+            packed: None,
         }),
         &mut |_, _| {},
     )

@@ -4,12 +4,14 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
 use ratequant::formats::Plan;
+use ratequant::kvcache::AttentionKernel;
 use ratequant_llm::eval::{evaluate, EvalOptions, EvalReport, Protocol, QuantSetting};
+use ratequant_llm::kv_packed::{plan_units, uniform_units};
 use ratequant_llm::{KvQuantPlan, KvSpec, SimSemantics};
 
 #[derive(Debug, Args)]
@@ -41,6 +43,11 @@ pub struct EvalArgs {
     /// (exactly what `generate`'s packed cache stores: KIVI keys by completed groups only).
     #[arg(long, default_value = "tile")]
     pub kv_semantics: SimSemantics,
+    /// Instead of simulating, run the real packed cache that `generate` uses, with this
+    /// attention kernel: `float` (equals `--kv-semantics packed` up to float rounding) or
+    /// `int8` (VNNI integer kernels: measures what their 8-bit rounding costs).
+    #[arg(long, value_parser = super::generate::parse_kernel)]
+    pub packed_kernel: Option<AttentionKernel>,
     /// Headline perplexity protocol: `llama` (llama.cpp's: second half of each chunk scored)
     /// or `full` (every token but the first). Both are reported.
     #[arg(long, default_value = "llama")]
@@ -136,10 +143,33 @@ pub fn run(args: EvalArgs) -> Result<()> {
         max_chunks: args.chunks,
         protocol: args.protocol,
     };
+    let packed = match args.packed_kernel {
+        None => None,
+        Some(_) if quant_plan.is_none() => {
+            bail!("--packed-kernel needs a quantized cache (--kv DESIGN:BITS or --plan)")
+        }
+        Some(kernel) => {
+            let units = match &args.plan {
+                Some(path) => {
+                    let plan = Plan::load(path)
+                        .with_context(|| format!("reading plan {}", path.display()))?;
+                    plan_units(&plan, config.num_layers, config.num_kv_heads)?
+                }
+                None => match KvSpec::parse(&args.kv).map_err(anyhow::Error::msg)? {
+                    KvSpec::Uniform { quantizer, bits } => {
+                        uniform_units(&quantizer, bits, config.num_layers, config.num_kv_heads)
+                    }
+                    KvSpec::FullPrecision => unreachable!("checked above"),
+                },
+            };
+            Some((units, kernel))
+        }
+    };
     let quant = quant_plan.as_ref().map(|plan| QuantSetting {
         plan,
         residual: args.residual,
         semantics: args.kv_semantics,
+        packed: packed.clone(),
     });
     let report = evaluate(&decoder, tokens, &options, quant, &mut |done, _| {
         if let Some(b) = &bar {
@@ -150,8 +180,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         b.finish_and_clear();
     }
 
-    let kv_label = match (&quant_plan, args.kv_semantics) {
-        (Some(_), SimSemantics::Packed) => format!("{kv_label}, packed-cache semantics"),
+    let kv_label = match (&quant_plan, args.kv_semantics, args.packed_kernel) {
+        (Some(_), _, Some(k)) => format!("{kv_label}, packed cache, {} attention", k.name()),
+        (Some(_), SimSemantics::Packed, None) => format!("{kv_label}, packed-cache semantics"),
         _ => kv_label,
     };
     print_report(&report, &kv_label, args.residual, quant_plan.as_ref());
@@ -167,7 +198,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             },
             plan: args.plan.as_ref().map(|p| p.display().to_string()),
             residual: args.residual,
-            kv_semantics: args.kv_semantics.as_str(),
+            kv_semantics: match args.packed_kernel {
+                Some(AttentionKernel::Float) => "packed-cache-float",
+                Some(AttentionKernel::Int8) => "packed-cache-int8",
+                None => args.kv_semantics.as_str(),
+            },
             mean_bits: quant_plan.as_ref().and_then(KvQuantPlan::mean_bits),
             report: &report,
         };

@@ -38,6 +38,11 @@ pub struct GenerateArgs {
     /// KIVI keys stay in full precision until their group is complete.
     #[arg(long, default_value_t = DEFAULT_RESIDUAL)]
     pub residual: usize,
+    /// Attention on the packed codes: `float` (f32 arithmetic; equals `eval --kv-semantics
+    /// packed` up to float rounding) or `int8` (integer dot products on AVX-512 VNNI, faster;
+    /// rounds the query and the probabilities to 8 bits, 16 from 4-bit units up).
+    #[arg(long, default_value = "float", value_parser = parse_kernel)]
+    pub attention: AttentionKernel,
     /// The prompt text (special tokens such as `<|im_start|>` are recognised).
     #[arg(long, conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
@@ -63,6 +68,10 @@ pub struct GenerateArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+pub(crate) fn parse_kernel(s: &str) -> std::result::Result<AttentionKernel, String> {
+    AttentionKernel::parse(s).map_err(|e| e.to_string())
 }
 
 /// The cache a run uses, decided before anything is allocated.
@@ -139,6 +148,8 @@ struct GenerateReport<'a> {
     mean_bits: Option<f64>,
     /// `null` for the full-precision cache.
     residual: Option<usize>,
+    /// `float` or `int8` (`null` for the full-precision cache).
+    attention: Option<&'static str>,
     sampling: Sampling,
     prefill_chunk: usize,
     prompt_tokens: usize,
@@ -215,7 +226,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let planned = match &choice {
         CacheChoice::FullPrecision => KvMemory::full_precision(shape, context),
         CacheChoice::Packed { units, .. } => KvMemory::packed(
-            estimate(shape, units, args.residual, context, AttentionKernel::Float).with_context(cannot_serve)?,
+            estimate(shape, units, args.residual, context, args.attention)
+                .with_context(cannot_serve)?,
         ),
     };
     if let Some(available) = available_memory() {
@@ -234,16 +246,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut cache = match &choice {
         CacheChoice::FullPrecision => RunCache::FullPrecision(FpCache::new(shape.layers)),
         CacheChoice::Packed { units, .. } => RunCache::Packed(
-            PackedCache::new(
+            PackedCache::with_kernel(
                 shape.layers,
                 shape.kv_heads,
                 shape.head_dim,
                 units,
                 args.residual,
+                args.attention,
             )
             .with_context(cannot_serve)?,
         ),
     };
+    if let RunCache::Packed(c) = &cache {
+        if c.inner().kernel() == AttentionKernel::Int8 && c.inner().kernel_isa() == "scalar" {
+            eprintln!(
+                "note: this CPU lacks AVX-512 VNNI, so --attention int8 runs its scalar reference (slow); use --attention float"
+            );
+        }
+    }
 
     let source = model.source.clone();
     let (decoder, tokenizer) = super::build_decoder(model)?;
@@ -258,8 +278,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         config.head_dim,
         match &choice {
             CacheChoice::FullPrecision => String::new(),
-            CacheChoice::Packed { mean_bits, .. } =>
-                format!(", mean {mean_bits:.3} bits, residual {}", args.residual),
+            CacheChoice::Packed { mean_bits, .. } => format!(
+                ", mean {mean_bits:.3} bits, residual {}, {} attention",
+                args.residual,
+                args.attention.name()
+            ),
         },
         prompt_ids.len(),
         args.max_tokens,
@@ -315,6 +338,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         plan: args.plan.as_ref().map(|p| p.display().to_string()),
         mean_bits,
         residual,
+        attention: residual.map(|_| args.attention.name()),
         sampling: Sampling {
             greedy: sampler.is_greedy(),
             temperature: args.temperature,
