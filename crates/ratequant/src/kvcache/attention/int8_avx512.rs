@@ -4,6 +4,9 @@
 //! Two accumulators per row alternate between sub-planes, so the dependent `vpdpbusd` chains
 //! are half as long (their latency, not their throughput, bounds a single chain).
 
+// Indexing accumulator arrays by row keeps the register blocking readable.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 use std::ops::Range;
 
