@@ -332,7 +332,10 @@ pub struct QuantSetting<'a> {
     /// Evaluate through the real packed cache (`generate`'s) with these units, in
     /// [`ratequant::kvcache::CacheShape::unit_index`] order, and this attention kernel, instead
     /// of the simulation (`semantics` is then moot: the packed cache is what `Packed` simulates).
-    pub packed: Option<(Vec<ratequant::kvcache::UnitFormat>, ratequant::kvcache::AttentionKernel)>,
+    pub packed: Option<(
+        Vec<ratequant::kvcache::UnitFormat>,
+        ratequant::kvcache::AttentionKernel,
+    )>,
 }
 
 /// Evaluates `decoder` on `tokens` (the whole text, tokenized with BOS as the model adds it).

@@ -41,7 +41,14 @@ impl PackedCache {
         units: &[UnitFormat],
         residual: usize,
     ) -> Result<Self> {
-        Self::with_kernel(layers, kv_heads, head_dim, units, residual, AttentionKernel::Float)
+        Self::with_kernel(
+            layers,
+            kv_heads,
+            head_dim,
+            units,
+            residual,
+            AttentionKernel::Float,
+        )
     }
 
     /// [`PackedCache::new`] with the given attention kernel (`Int8`: faster, approximate).

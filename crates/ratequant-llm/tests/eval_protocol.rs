@@ -298,10 +298,24 @@ fn the_real_packed_cache_evaluates_like_its_simulation() {
     let int8 = run(Some((units, AttentionKernel::Int8)));
     let kl = |r: &ratequant_llm::eval::EvalReport| r.divergence.as_ref().unwrap().mean_kl;
     let rel = |a: f64, b: f64| ((a - b) / b).abs();
-    assert!(kl(&sim) > 1e-4, "2-bit quantization must show: KL {}", kl(&sim));
+    assert!(
+        kl(&sim) > 1e-4,
+        "2-bit quantization must show: KL {}",
+        kl(&sim)
+    );
     let ppl = |r: &ratequant_llm::eval::EvalReport| r.perplexity.perplexity;
-    assert!(rel(ppl(&float), ppl(&sim)) < 1e-5, "{} vs {}", ppl(&float), ppl(&sim));
+    assert!(
+        rel(ppl(&float), ppl(&sim)) < 1e-5,
+        "{} vs {}",
+        ppl(&float),
+        ppl(&sim)
+    );
     assert!(rel(kl(&float), kl(&sim)) < 1e-3);
     assert_ne!(ppl(&int8), ppl(&float));
-    assert!(rel(kl(&int8), kl(&float)) < 0.25, "KL int8 {} vs float {}", kl(&int8), kl(&float));
+    assert!(
+        rel(kl(&int8), kl(&float)) < 0.25,
+        "KL int8 {} vs float {}",
+        kl(&int8),
+        kl(&float)
+    );
 }

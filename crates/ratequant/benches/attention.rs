@@ -22,11 +22,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
 use rayon::prelude::*;
 
-use ratequant::kvcache::dense::DenseLayerCache;
 use ratequant::kvcache::attention::int8;
+use ratequant::kvcache::dense::DenseLayerCache;
 use ratequant::kvcache::{
-    AttentionKernel, AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat,
-    DEFAULT_RESIDUAL,
+    AttentionKernel, AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
 };
 use ratequant::quant::QuantizerSpec;
 

@@ -559,7 +559,14 @@ fn rms_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 
 /// Attention over the unquantized (f16-rounded) keys and values: per-token units whose
 /// residual window holds every token.
-fn unquantized(m: &Model, q: &[Vec<f32>], k: &[Vec<f32>], v: &[Vec<f32>], tokens: usize, p: &AttentionParams) -> Vec<Vec<f32>> {
+fn unquantized(
+    m: &Model,
+    q: &[Vec<f32>],
+    k: &[Vec<f32>],
+    v: &[Vec<f32>],
+    tokens: usize,
+    p: &AttentionParams,
+) -> Vec<Vec<f32>> {
     let unit = UnitFormat {
         quantizer: spec("rtn-token"),
         bits: 8,
@@ -608,7 +615,17 @@ fn int8_kernels_add_a_small_fraction_of_the_quantization_error() {
         let p = params(64);
         let want = reference(&m, &q, &k, &v, tokens, &p);
         let exact = unquantized(&m, &q, &k, &v, tokens, &p);
-        let got = run_cache_with(&m, AttentionKernel::Int8, Isa::detect(), &q, &k, &v, tokens, &[1, 77], &p);
+        let got = run_cache_with(
+            &m,
+            AttentionKernel::Int8,
+            Isa::detect(),
+            &q,
+            &k,
+            &v,
+            tokens,
+            &[1, 77],
+            &p,
+        );
         let quant_err = rms_diff(&want, &exact);
         let int8_err = rms_diff(&got, &want);
         eprintln!("{designs:?} {bits} bits: quantization rms {quant_err:.5}, int8 rounding rms {int8_err:.6}");
@@ -637,38 +654,80 @@ fn int8_vnni_equals_the_scalar_integer_kernels_bit_for_bit() {
     };
     for bits in 1..=8u8 {
         let units = vec![
-            UnitFormat { quantizer: spec(if bits % 2 == 0 { "kivi" } else { "quarot" }), bits },
-            UnitFormat { quantizer: spec("kivi"), bits: 9 - bits },
+            UnitFormat {
+                quantizer: spec(if bits % 2 == 0 { "kivi" } else { "quarot" }),
+                bits,
+            },
+            UnitFormat {
+                quantizer: spec("kivi"),
+                bits: 9 - bits,
+            },
         ];
-        let m = Model { shape, heads: 3, units, residual: 5 };
+        let m = Model {
+            shape,
+            heads: 3,
+            units,
+            residual: 5,
+        };
         let tokens = 200;
         let (q, k, v) = data(&m, tokens, 40 + bits as u64);
         let p = params(64);
-        let run = |isa| run_cache_with(&m, AttentionKernel::Int8, isa, &q, &k, &v, tokens, &[1, 64], &p);
+        let run = |isa| {
+            run_cache_with(
+                &m,
+                AttentionKernel::Int8,
+                isa,
+                &q,
+                &k,
+                &v,
+                tokens,
+                &[1, 64],
+                &p,
+            )
+        };
         let (reference_kernels, vnni) = (run(Isa::Avx2), run(Isa::Avx512));
         assert_eq!(max_abs_diff(&reference_kernels, &vnni), 0.0, "{bits} bits");
         let scalar = run(Isa::Scalar);
         let want = reference(&m, &q, &k, &v, tokens, &p);
-        assert!(rms_diff(&scalar, &vnni) < 0.1 * rms_diff(&vnni, &want) + 1e-6, "{bits} bits");
+        assert!(
+            rms_diff(&scalar, &vnni) < 0.1 * rms_diff(&vnni, &want) + 1e-6,
+            "{bits} bits"
+        );
     }
 }
 
 #[test]
 fn int8_kernel_refuses_layouts_it_cannot_tile() {
-    let units = |d: &str| vec![UnitFormat { quantizer: spec(d), bits: 2 }; 2];
-    let shape = |head_dim| CacheShape { layers: 1, kv_heads: 1, head_dim };
+    let units = |d: &str| {
+        vec![
+            UnitFormat {
+                quantizer: spec(d),
+                bits: 2
+            };
+            2
+        ]
+    };
+    let shape = |head_dim| CacheShape {
+        layers: 1,
+        kv_heads: 1,
+        head_dim,
+    };
     for (head_dim, design, want) in [
         (40, "kivi", "head_dim a multiple of 32"),
         (64, "kivi:g=20", "multiple of 16 tokens"),
         (64, "rtn-token:g=16", "multiple of 32 channels"),
     ] {
-        let err = PackedKvCache::with_kernel(shape(head_dim), &units(design), 8, AttentionKernel::Int8)
-            .err()
-            .unwrap_or_else(|| panic!("{design} at head_dim {head_dim} accepted"))
-            .to_string();
-        assert!(err.contains(want) && err.contains("layer 0 head 0"), "{err}");
+        let err =
+            PackedKvCache::with_kernel(shape(head_dim), &units(design), 8, AttentionKernel::Int8)
+                .err()
+                .unwrap_or_else(|| panic!("{design} at head_dim {head_dim} accepted"))
+                .to_string();
+        assert!(
+            err.contains(want) && err.contains("layer 0 head 0"),
+            "{err}"
+        );
         // The float kernels take every one of these.
-        PackedKvCache::with_kernel(shape(head_dim), &units(design), 8, AttentionKernel::Float).unwrap();
+        PackedKvCache::with_kernel(shape(head_dim), &units(design), 8, AttentionKernel::Float)
+            .unwrap();
     }
 }
-

@@ -65,7 +65,10 @@ fn memory_of_a_hand_computed_example() {
     assert_eq!(m.total_bytes(), 5344);
     assert!((m.bytes_per_token() - 5344.0 / 70.0).abs() < 1e-9);
     assert!((m.compression() - 17920.0 / 5344.0).abs() < 1e-9);
-    assert_eq!(estimate(shape, &units, 8, 70, AttentionKernel::Float).unwrap(), want);
+    assert_eq!(
+        estimate(shape, &units, 8, 70, AttentionKernel::Float).unwrap(),
+        want
+    );
 }
 
 #[test]
@@ -138,7 +141,10 @@ fn residual_rows_cost_two_bytes_per_element() {
                         };
                         shape.units()
                     ];
-                    assert_eq!(got, estimate(shape, &units, residual, len, AttentionKernel::Float).unwrap());
+                    assert_eq!(
+                        got,
+                        estimate(shape, &units, residual, len, AttentionKernel::Float).unwrap()
+                    );
                 }
             }
         }
@@ -185,7 +191,14 @@ fn smollm2_compression_table() {
     let mut compression = std::collections::HashMap::new();
     for (label, design, bits, mixed, bits_label) in rows {
         let units = smollm2_units(design, bits, mixed);
-        let m = estimate(SMOLLM2, &units, DEFAULT_RESIDUAL, tokens, AttentionKernel::Float).unwrap();
+        let m = estimate(
+            SMOLLM2,
+            &units,
+            DEFAULT_RESIDUAL,
+            tokens,
+            AttentionKernel::Float,
+        )
+        .unwrap();
         let with_f32_residual = m.f16_bytes as f64 / (m.total_bytes() + m.residual_bytes) as f64;
         println!(
             "| {label} | {bits_label} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
@@ -230,7 +243,14 @@ fn two_and_a_half_bits_is_several_times_smaller_than_f16() {
             bits: 2 + (i % 2) as u8,
         })
         .collect();
-    let m = estimate(shape, &units, DEFAULT_RESIDUAL, 8192, AttentionKernel::Float).unwrap();
+    let m = estimate(
+        shape,
+        &units,
+        DEFAULT_RESIDUAL,
+        8192,
+        AttentionKernel::Float,
+    )
+    .unwrap();
     assert_eq!(m.f16_bytes, 8192 * 30 * 3 * 64 * 2 * 2);
     let compression = m.compression();
     assert!(

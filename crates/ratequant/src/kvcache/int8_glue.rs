@@ -72,7 +72,19 @@ pub(super) fn key_scores<const F16C: bool>(
                 (sigma[r], bias[r]) = int8::key_weights(qr, sb, zb, &mut his[r * d..], lo);
             }
             let n = g_tokens;
-            int8::key_dot(vnni, codes, tiles, d, bits, 0..d, &q8, d, q_rows, &mut sums, n);
+            int8::key_dot(
+                vnni,
+                codes,
+                tiles,
+                d,
+                bits,
+                0..d,
+                &q8,
+                d,
+                q_rows,
+                &mut sums,
+                n,
+            );
             for r in 0..rows {
                 let dst = &mut scores[r * len + out_at..r * len + out_at + hi - lo];
                 let (sig, b) = (sigma[r], bias[r]);
@@ -94,7 +106,19 @@ pub(super) fn key_scores<const F16C: bool>(
             for (g, c0) in (0..d).step_by(group).enumerate() {
                 let c1 = (c0 + group).min(d);
                 let n = g_tokens;
-                int8::key_dot(vnni, codes, tiles, d, bits, c0..c1, &q8, d, q_rows, &mut sums, n);
+                int8::key_dot(
+                    vnni,
+                    codes,
+                    tiles,
+                    d,
+                    bits,
+                    c0..c1,
+                    &q8,
+                    d,
+                    q_rows,
+                    &mut sums,
+                    n,
+                );
                 to_f32::<F16C>(&core.scales[g][start + lo..start + hi], &mut s);
                 to_f32::<F16C>(&core.zeros[g][start + lo..start + hi], &mut z);
                 for r in 0..rows {
@@ -146,7 +170,11 @@ pub(super) fn values<const F16C: bool>(
     let w_rows = if split { 2 * rows } else { rows };
     let mut w8 = vec![0i8; w_rows * nt * T];
     let mut sigma = vec![0.0f32; w_rows * nt];
-    let mut lo_acc = if split { vec![0.0f32; 2 * rows * d] } else { Vec::new() };
+    let mut lo_acc = if split {
+        vec![0.0f32; 2 * rows * d]
+    } else {
+        Vec::new()
+    };
     // Position `pos` sits at tile position `pos − tiles.start·T`; others weigh 0.
     let first = a - tiles.start * T;
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
@@ -174,14 +202,42 @@ pub(super) fn values<const F16C: bool>(
             // Both parts into a zeroed buffer (the lo rows land beside the hi rows), then added.
             lo_acc.fill(0.0);
             let ch = c0..c1;
-            int8::value_accumulate(vnni, codes, nt, d, bits, ch, &w8, ws, &sigma, nt, w_rows, &mut lo_acc, d);
+            int8::value_accumulate(
+                vnni,
+                codes,
+                nt,
+                d,
+                bits,
+                ch,
+                &w8,
+                ws,
+                &sigma,
+                nt,
+                w_rows,
+                &mut lo_acc,
+                d,
+            );
             for r in 0..rows {
                 for c in c0..c1 {
                     acc[r * d + c] += lo_acc[r * d + c] + lo_acc[(rows + r) * d + c];
                 }
             }
         } else {
-            int8::value_accumulate(vnni, codes, nt, d, bits, c0..c1, &w8, ws, &sigma, nt, rows, acc, d);
+            int8::value_accumulate(
+                vnni,
+                codes,
+                nt,
+                d,
+                bits,
+                c0..c1,
+                &w8,
+                ws,
+                &sigma,
+                nt,
+                rows,
+                acc,
+                d,
+            );
         }
     }
 }

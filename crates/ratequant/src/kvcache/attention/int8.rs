@@ -76,7 +76,12 @@ pub fn value_tile_bytes(head_dim: usize, bits: u8) -> usize {
 }
 
 /// Bit locations of `(token t < 16, channel c)`'s planes in a key tile.
-fn key_positions(head_dim: usize, bits: u8, t: usize, c: usize) -> impl Iterator<Item = (u8, u8, usize, u32)> {
+fn key_positions(
+    head_dim: usize,
+    bits: u8,
+    t: usize,
+    c: usize,
+) -> impl Iterator<Item = (u8, u8, usize, u32)> {
     planes(bits).map(move |(w, off)| {
         let (byte, shift) = position(w, t, c);
         (w, off, 2 * head_dim * off as usize + byte, shift)
@@ -88,7 +93,12 @@ fn value_positions(bits: u8, t: usize, c: usize) -> impl Iterator<Item = (u8, u8
     let lane_group = c / 16;
     planes(bits).map(move |(w, off)| {
         let (byte, shift) = position(w, c % 16, t);
-        (w, off, 64 * (lane_group * bits as usize + off as usize) + byte, shift)
+        (
+            w,
+            off,
+            64 * (lane_group * bits as usize + off as usize) + byte,
+            shift,
+        )
     })
 }
 
@@ -128,9 +138,16 @@ fn mask(w: u8) -> u8 {
 
 /// Why a layout can't be tiled, if it can't: `head_dim`, the design's group and whether the
 /// group runs along tokens (per-channel keys).
-pub fn check_layout(head_dim: usize, group: usize, per_channel: bool, is_key: bool) -> Result<(), String> {
+pub fn check_layout(
+    head_dim: usize,
+    group: usize,
+    per_channel: bool,
+    is_key: bool,
+) -> Result<(), String> {
     if !head_dim.is_multiple_of(32) {
-        return Err(format!("int8 attention needs head_dim a multiple of 32, got {head_dim}"));
+        return Err(format!(
+            "int8 attention needs head_dim a multiple of 32, got {head_dim}"
+        ));
     }
     if per_channel {
         if !group.is_multiple_of(KEY_TILE_TOKENS) {
@@ -183,15 +200,24 @@ pub fn key_dot(
     if rows == 0 || tiles == 0 {
         return;
     }
-    assert!((1..=8).contains(&bits), "key_dot: bits {bits} outside 1..=8");
+    assert!(
+        (1..=8).contains(&bits),
+        "key_dot: bits {bits} outside 1..=8"
+    );
     assert!(
         channels.start.is_multiple_of(32)
             && (channels.end.is_multiple_of(32) || channels.end == head_dim)
             && channels.end <= head_dim,
         "key_dot: channels {channels:?} not aligned to lines"
     );
-    assert!(codes.len() >= tiles * key_tile_bytes(head_dim, bits), "key_dot: codes too short");
-    assert!(q.len() >= (rows - 1) * q_stride + channels.end, "key_dot: query too short");
+    assert!(
+        codes.len() >= tiles * key_tile_bytes(head_dim, bits),
+        "key_dot: codes too short"
+    );
+    assert!(
+        q.len() >= (rows - 1) * q_stride + channels.end,
+        "key_dot: query too short"
+    );
     assert!(
         out.len() >= (rows - 1) * out_stride + tiles * KEY_TILE_TOKENS,
         "key_dot: output too short"
@@ -201,11 +227,19 @@ pub fn key_dot(
         let q = &q[r0 * q_stride..];
         let out = &mut out[r0 * out_stride..];
         #[cfg(target_arch = "x86_64")]
-        if vnni && vnni_available() {
+        if vnni && vnni_available_cached() {
             // SAFETY: features checked; bounds asserted above.
             unsafe {
                 super::int8_avx512::key_dot(
-                    codes, tiles, head_dim, bits, channels.clone(), q, q_stride, n, out,
+                    codes,
+                    tiles,
+                    head_dim,
+                    bits,
+                    channels.clone(),
+                    q,
+                    q_stride,
+                    n,
+                    out,
                     out_stride,
                 )
             };
@@ -218,7 +252,8 @@ pub fn key_dot(
                 for t in 0..KEY_TILE_TOKENS {
                     let mut sum = 0i32;
                     for c in channels.clone() {
-                        sum += q[r * q_stride + c] as i32 * key_code(t_codes, head_dim, bits, t, c) as i32;
+                        sum += q[r * q_stride + c] as i32
+                            * key_code(t_codes, head_dim, bits, t, c) as i32;
                     }
                     out[r * out_stride + tile * KEY_TILE_TOKENS + t] = sum;
                 }
@@ -251,7 +286,10 @@ pub fn value_accumulate(
     if rows == 0 || tiles == 0 {
         return;
     }
-    assert!((1..=8).contains(&bits), "value_accumulate: bits {bits} outside 1..=8");
+    assert!(
+        (1..=8).contains(&bits),
+        "value_accumulate: bits {bits} outside 1..=8"
+    );
     assert!(
         channels.start.is_multiple_of(16)
             && channels.end.is_multiple_of(16)
@@ -279,12 +317,22 @@ pub fn value_accumulate(
         let (w, scale) = (&w[r0 * w_stride..], &scale[r0 * scale_stride..]);
         let acc = &mut acc[r0 * acc_stride..];
         #[cfg(target_arch = "x86_64")]
-        if vnni && vnni_available() {
+        if vnni && vnni_available_cached() {
             // SAFETY: features checked; bounds asserted above.
             unsafe {
                 super::int8_avx512::value_accumulate(
-                    codes, tiles, head_dim, bits, channels.clone(), w, w_stride, scale,
-                    scale_stride, n, acc, acc_stride,
+                    codes,
+                    tiles,
+                    head_dim,
+                    bits,
+                    channels.clone(),
+                    w,
+                    w_stride,
+                    scale,
+                    scale_stride,
+                    n,
+                    acc,
+                    acc_stride,
                 )
             };
             continue;
@@ -367,7 +415,7 @@ pub fn key_weights(
     assert!(s.len() >= d && z.len() >= d && hi.len() >= d);
     assert!(d <= 512, "key_weights: head_dim {d} above 512");
     #[cfg(target_arch = "x86_64")]
-    if vnni_available_cached() && is_x86_feature_detected!("f16c") {
+    if vnni_available_cached() {
         // SAFETY: AVX-512 F/BW/VL and F16C detected; lengths asserted.
         return unsafe { super::int8_avx512::key_weights(q, s, z, hi, lo) };
     }
@@ -411,9 +459,11 @@ pub fn value_weights(
     let tiles = (first + n).div_ceil(VALUE_TILE_TOKENS);
     assert!(first < VALUE_TILE_TOKENS && s.len() >= n && z.len() >= n);
     assert!(hi.len() >= tiles * VALUE_TILE_TOKENS && sigma.len() >= tiles);
-    assert!(lo.as_ref().is_none_or(|l| l.len() >= tiles * VALUE_TILE_TOKENS));
+    assert!(lo
+        .as_ref()
+        .is_none_or(|l| l.len() >= tiles * VALUE_TILE_TOKENS));
     #[cfg(target_arch = "x86_64")]
-    if vnni_available_cached() && is_x86_feature_detected!("f16c") {
+    if vnni_available_cached() {
         // SAFETY: AVX-512 F/BW and F16C detected; lengths asserted.
         return unsafe { super::int8_avx512::value_weights(p, s, z, first, hi, lo, sigma) };
     }
@@ -449,11 +499,12 @@ pub fn value_weights_scalar(
     zero
 }
 
-/// [`vnni_available`] asked once.
+/// [`vnni_available`] and F16C (which the AVX-512 weight builders also use), asked once:
+/// the kernels and weight builders dispatch on it per call.
 #[cfg(target_arch = "x86_64")]
 fn vnni_available_cached() -> bool {
     static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VNNI.get_or_init(vnni_available)
+    *VNNI.get_or_init(|| vnni_available() && is_x86_feature_detected!("f16c"))
 }
 
 #[cfg(test)]
@@ -461,7 +512,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         *seed >> 33
     }
 
@@ -492,17 +545,24 @@ mod tests {
                         put_key_code(&mut tile, d, bits, t, c, max);
                     }
                 }
-                assert!(tile.iter().all(|&b| b == 0xFF), "key tile bits {bits} d {d}");
+                assert!(
+                    tile.iter().all(|&b| b == 0xFF),
+                    "key tile bits {bits} d {d}"
+                );
                 let mut tile = vec![0u8; value_tile_bytes(d, bits)];
                 for t in 0..VALUE_TILE_TOKENS {
                     for c in 0..d {
                         put_value_code(&mut tile, bits, t, c, max);
                     }
                 }
-                assert!(tile.iter().all(|&b| b == 0xFF), "value tile bits {bits} d {d}");
+                assert!(
+                    tile.iter().all(|&b| b == 0xFF),
+                    "value tile bits {bits} d {d}"
+                );
                 // Random codes read back.
-                let codes: Vec<u8> =
-                    (0..VALUE_TILE_TOKENS * d).map(|_| (lcg(&mut seed) as u8) & max).collect();
+                let codes: Vec<u8> = (0..VALUE_TILE_TOKENS * d)
+                    .map(|_| (lcg(&mut seed) as u8) & max)
+                    .collect();
                 let mut kt = vec![0u8; key_tile_bytes(d, bits)];
                 let mut vt = vec![0u8; value_tile_bytes(d, bits)];
                 for t in 0..VALUE_TILE_TOKENS {
@@ -545,7 +605,11 @@ mod tests {
             for tile in 0..tiles {
                 for t in 0..VALUE_TILE_TOKENS {
                     for c in 0..d {
-                        let code = if tile == 0 { max } else { lcg(&mut seed) as u8 & max };
+                        let code = if tile == 0 {
+                            max
+                        } else {
+                            lcg(&mut seed) as u8 & max
+                        };
                         if t < KEY_TILE_TOKENS {
                             put_key_code(&mut kcodes[tile * kt_bytes..], d, bits, t, c, code);
                         }
@@ -555,27 +619,97 @@ mod tests {
             }
             for rows in [1usize, 3, 7, 8, 11] {
                 let q: Vec<i8> = (0..rows * d)
-                    .map(|i| if i % 5 == 0 { -128 } else { lcg(&mut seed) as i8 })
+                    .map(|i| {
+                        if i % 5 == 0 {
+                            -128
+                        } else {
+                            lcg(&mut seed) as i8
+                        }
+                    })
                     .collect();
                 for channels in [0..d, 32..64, 64..96, 0..32] {
                     let n = tiles * KEY_TILE_TOKENS;
                     let mut a = vec![0i32; rows * n];
                     let mut b = vec![0i32; rows * n];
-                    key_dot(false, &kcodes, tiles, d, bits, channels.clone(), &q, d, rows, &mut a, n);
-                    key_dot(true, &kcodes, tiles, d, bits, channels.clone(), &q, d, rows, &mut b, n);
-                    assert_eq!(a, b, "key_dot bits {bits} rows {rows} channels {channels:?}");
+                    key_dot(
+                        false,
+                        &kcodes,
+                        tiles,
+                        d,
+                        bits,
+                        channels.clone(),
+                        &q,
+                        d,
+                        rows,
+                        &mut a,
+                        n,
+                    );
+                    key_dot(
+                        true,
+                        &kcodes,
+                        tiles,
+                        d,
+                        bits,
+                        channels.clone(),
+                        &q,
+                        d,
+                        rows,
+                        &mut b,
+                        n,
+                    );
+                    assert_eq!(
+                        a, b,
+                        "key_dot bits {bits} rows {rows} channels {channels:?}"
+                    );
                 }
                 let ws = tiles * VALUE_TILE_TOKENS;
                 let w: Vec<i8> = (0..rows * ws)
-                    .map(|i| if i % 7 == 0 { 127 } else { (lcg(&mut seed) % 128) as i8 })
+                    .map(|i| {
+                        if i % 7 == 0 {
+                            127
+                        } else {
+                            (lcg(&mut seed) % 128) as i8
+                        }
+                    })
                     .collect();
                 let scale: Vec<f32> = (0..rows * tiles).map(|i| 0.01 + i as f32 * 1e-3).collect();
                 for channels in [0..d, 16..48, 80..96] {
                     let init: Vec<f32> = (0..rows * d).map(|i| i as f32 * 0.25).collect();
                     let (mut a, mut b) = (init.clone(), init);
-                    value_accumulate(false, &vcodes, tiles, d, bits, channels.clone(), &w, ws, &scale, tiles, rows, &mut a, d);
-                    value_accumulate(true, &vcodes, tiles, d, bits, channels.clone(), &w, ws, &scale, tiles, rows, &mut b, d);
-                    assert_eq!(a, b, "value_accumulate bits {bits} rows {rows} channels {channels:?}");
+                    value_accumulate(
+                        false,
+                        &vcodes,
+                        tiles,
+                        d,
+                        bits,
+                        channels.clone(),
+                        &w,
+                        ws,
+                        &scale,
+                        tiles,
+                        rows,
+                        &mut a,
+                        d,
+                    );
+                    value_accumulate(
+                        true,
+                        &vcodes,
+                        tiles,
+                        d,
+                        bits,
+                        channels.clone(),
+                        &w,
+                        ws,
+                        &scale,
+                        tiles,
+                        rows,
+                        &mut b,
+                        d,
+                    );
+                    assert_eq!(
+                        a, b,
+                        "value_accumulate bits {bits} rows {rows} channels {channels:?}"
+                    );
                 }
             }
         }
@@ -609,22 +743,59 @@ mod tests {
             for split in [false, true] {
                 let (mut h1, mut l1, mut h2, mut l2) =
                     (vec![0i8; d], vec![0i8; d], vec![0i8; d], vec![0i8; d]);
-                let (s1, b1) = key_weights_scalar(&q, &s, &z, &mut h1, split.then_some(&mut l1[..]));
+                let (s1, b1) =
+                    key_weights_scalar(&q, &s, &z, &mut h1, split.then_some(&mut l1[..]));
                 let (s2, b2) = key_weights(&q, &s, &z, &mut h2, split.then_some(&mut l2[..]));
-                assert_eq!((s1.to_bits(), &h1, &l1), (s2.to_bits(), &h2, &l2), "keys d {d}");
+                assert_eq!(
+                    (s1.to_bits(), &h1, &l1),
+                    (s2.to_bits(), &h2, &l2),
+                    "keys d {d}"
+                );
                 assert!((b1 - b2).abs() <= 1e-5 * (1.0 + b1.abs()), "{b1} vs {b2}");
             }
         }
-        for (first, n) in [(0usize, 1usize), (0, 32), (5, 27), (31, 1), (7, 100), (0, 1024), (13, 1011)] {
+        for (first, n) in [
+            (0usize, 1usize),
+            (0, 32),
+            (5, 27),
+            (31, 1),
+            (7, 100),
+            (0, 1024),
+            (13, 1011),
+        ] {
             let p: Vec<f32> = (0..n).map(|_| f(2.0).abs()).collect();
             let s: Vec<f16> = (0..n).map(|_| f16::from_f32(f(1.0).abs())).collect();
             let z: Vec<f16> = (0..n).map(|_| f16::from_f32(f(3.0))).collect();
             let tiles = (first + n).div_ceil(32);
             for split in [false, true] {
-                let mut a = (vec![9i8; tiles * 32], vec![9i8; tiles * 32], vec![0f32; tiles]);
-                let mut b = (vec![9i8; tiles * 32], vec![9i8; tiles * 32], vec![0f32; tiles]);
-                let za = value_weights_scalar(&p, &s, &z, first, &mut a.0, split.then_some(&mut a.1[..]), &mut a.2);
-                let zb = value_weights(&p, &s, &z, first, &mut b.0, split.then_some(&mut b.1[..]), &mut b.2);
+                let mut a = (
+                    vec![9i8; tiles * 32],
+                    vec![9i8; tiles * 32],
+                    vec![0f32; tiles],
+                );
+                let mut b = (
+                    vec![9i8; tiles * 32],
+                    vec![9i8; tiles * 32],
+                    vec![0f32; tiles],
+                );
+                let za = value_weights_scalar(
+                    &p,
+                    &s,
+                    &z,
+                    first,
+                    &mut a.0,
+                    split.then_some(&mut a.1[..]),
+                    &mut a.2,
+                );
+                let zb = value_weights(
+                    &p,
+                    &s,
+                    &z,
+                    first,
+                    &mut b.0,
+                    split.then_some(&mut b.1[..]),
+                    &mut b.2,
+                );
                 assert_eq!(a, b, "values first {first} n {n} split {split}");
                 assert!((za - zb).abs() <= 1e-4 * (1.0 + za.abs()), "{za} vs {zb}");
                 // Positions outside the tokens weigh nothing.

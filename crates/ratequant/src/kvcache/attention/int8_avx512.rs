@@ -45,7 +45,20 @@ pub(super) unsafe fn key_dot(
 ) {
     let (codes, q, out) = (codes.as_ptr(), q.as_ptr(), out.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
-    by_rows!(rows, key_dot_rows, codes, tiles, head_dim, bits, c0, c1, q, q_stride, out, out_stride)
+    by_rows!(
+        rows,
+        key_dot_rows,
+        codes,
+        tiles,
+        head_dim,
+        bits,
+        c0,
+        c1,
+        q,
+        q_stride,
+        out,
+        out_stride
+    )
 }
 
 #[inline(always)]
@@ -72,7 +85,10 @@ unsafe fn key_dot_rows<const R: usize>(
             add_shifted(&mut total, &sums, off);
         }
         for (r, t) in total.iter().enumerate() {
-            _mm512_storeu_si512(out.add(r * out_stride + tile * KEY_TILE_TOKENS) as *mut _, *t);
+            _mm512_storeu_si512(
+                out.add(r * out_stride + tile * KEY_TILE_TOKENS) as *mut _,
+                *t,
+            );
         }
     }
 }
@@ -97,8 +113,20 @@ pub(super) unsafe fn value_accumulate(
     let (codes, w, scale, acc) = (codes.as_ptr(), w.as_ptr(), scale.as_ptr(), acc.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
     by_rows!(
-        rows, value_rows, codes, tiles, head_dim, bits, c0, c1, w, w_stride, scale, scale_stride,
-        acc, acc_stride
+        rows,
+        value_rows,
+        codes,
+        tiles,
+        head_dim,
+        bits,
+        c0,
+        c1,
+        w,
+        w_stride,
+        scale,
+        scale_stride,
+        acc,
+        acc_stride
     )
 }
 
@@ -267,11 +295,19 @@ pub(super) unsafe fn key_weights(
     let wp = w.as_mut_ptr() as *mut __m512;
     let mut bias = [_mm512_setzero_ps(); 2];
     let mut m = _mm512_setzero_ps();
-    let (qp, sp, zp) = (q.as_ptr(), s.as_ptr() as *const u16, z.as_ptr() as *const u16);
+    let (qp, sp, zp) = (
+        q.as_ptr(),
+        s.as_ptr() as *const u16,
+        z.as_ptr() as *const u16,
+    );
     let chunks = d.div_ceil(16);
     for j in 0..chunks {
         let i = 16 * j;
-        let mask: __mmask16 = if i + 16 <= d { 0xFFFF } else { ((1u32 << (d - i)) - 1) as u16 };
+        let mask: __mmask16 = if i + 16 <= d {
+            0xFFFF
+        } else {
+            ((1u32 << (d - i)) - 1) as u16
+        };
         let qv = _mm512_maskz_loadu_ps(mask, qp.add(i));
         let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sp.add(i) as *const _));
         let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, zp.add(i) as *const _));
@@ -294,7 +330,11 @@ pub(super) unsafe fn key_weights(
     let k254 = _mm512_set1_ps(254.0);
     for j in 0..chunks {
         let i = 16 * j;
-        let mask: __mmask16 = if i + 16 <= d { 0xFFFF } else { ((1u32 << (d - i)) - 1) as u16 };
+        let mask: __mmask16 = if i + 16 <= d {
+            0xFFFF
+        } else {
+            ((1u32 << (d - i)) - 1) as u16
+        };
         let t = _mm512_mul_ps(wp.add(j).read(), k);
         let h = _mm512_cvtps_epi32(t);
         _mm512_mask_cvtsepi32_storeu_epi8(hp.add(i) as *mut _, mask, h);
@@ -319,7 +359,11 @@ pub(super) unsafe fn value_weights(
 ) -> f32 {
     let n = p.len();
     let tiles = (first + n).div_ceil(VALUE_TILE_TOKENS);
-    let (pp, sp, zp) = (p.as_ptr(), s.as_ptr() as *const u16, z.as_ptr() as *const u16);
+    let (pp, sp, zp) = (
+        p.as_ptr(),
+        s.as_ptr() as *const u16,
+        z.as_ptr() as *const u16,
+    );
     let (hp, lp) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
     let mut zero = [_mm512_setzero_ps(); 2];
     let k254 = _mm512_set1_ps(254.0);
@@ -341,8 +385,14 @@ pub(super) unsafe fn value_weights(
             }
             *m = mask as u16;
             let pv = _mm512_maskz_loadu_ps(*m, pp.wrapping_offset(base));
-            let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(*m, sp.wrapping_offset(base) as *const _));
-            let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(*m, zp.wrapping_offset(base) as *const _));
+            let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                *m,
+                sp.wrapping_offset(base) as *const _,
+            ));
+            let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                *m,
+                zp.wrapping_offset(base) as *const _,
+            ));
             *wv = _mm512_mul_ps(pv, sv);
             zero[half] = _mm512_fmadd_ps(pv, zv, zero[half]);
         }
