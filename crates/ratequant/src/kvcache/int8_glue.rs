@@ -41,53 +41,58 @@ pub(super) fn key_scores<const F16C: bool>(
     let core = &key.core;
     let (d, bits, rows) = (core.head_dim, core.bits, prep.rows);
     let g_tokens = key.block_tokens;
-    let tiles = g_tokens / int8::KEY_TILE_TOKENS;
+    let block_tiles = g_tokens / int8::KEY_TILE_TOKENS;
     let block_bytes = key.block_bytes();
     let blocks = a / g_tokens..e.div_ceil(g_tokens);
+    let nb = blocks.len();
     // Rows `0..rows` hold `hi`, rows `rows..2·rows` `lo` when split.
     let split = bits >= SPLIT_BITS;
     let q_rows = if split { 2 * rows } else { rows };
-    let mut q8 = vec![0i8; q_rows * d];
-    let mut sigma = vec![0.0f32; rows];
-    let mut sums = vec![0i32; q_rows * g_tokens];
-    let (mut s, mut z) = (Vec::new(), Vec::new());
-    if !core.layout.per_channel {
-        for (r, row) in prep.q_packed.chunks_exact(d).enumerate() {
-            let (his, los) = q8.split_at_mut(rows * d);
-            let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
-            sigma[r] = int8::quantize_i8(row, &mut his[r * d..(r + 1) * d], lo);
-        }
-    }
-    let mut bias = vec![0.0f32; rows];
-    for blk in blocks.clone() {
-        let start = blk * g_tokens;
-        let (lo, hi) = (a.max(start) - start, e.min(start + g_tokens) - start);
-        let codes = &core.codes[blk * block_bytes..];
-        let out_at = start + lo - a;
-        if core.layout.per_channel {
-            let (sb, zb) = (&core.scales[0][blk * d..], &core.zeros[0][blk * d..]);
-            let (his, los) = q8.split_at_mut(rows * d);
-            for (r, qr) in prep.q_packed.chunks_exact(d).enumerate() {
-                let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
-                (sigma[r], bias[r]) = int8::key_weights(qr, sb, zb, &mut his[r * d..], lo);
-            }
-            let n = g_tokens;
-            int8::key_dot(
-                vnni,
-                codes,
-                tiles,
-                d,
-                bits,
-                0..d,
-                &q8,
-                d,
-                q_rows,
-                &mut sums,
-                n,
+    let codes = &core.codes[blocks.start * block_bytes..];
+    // Integer sums of every token of the blocks, `q_rows × (nb·G)`; positions from `a` on are
+    // at `skip + pos − a`.
+    let n = nb * g_tokens;
+    let skip = a - blocks.start * g_tokens;
+    let mut sums = vec![0i32; q_rows * n];
+    if core.layout.per_channel {
+        // Every block's weights first (one pass over the scales), then one kernel call over
+        // all tiles, each block reading its own weights.
+        let mut w8 = vec![0i8; nb * q_rows * d];
+        let mut sigma = vec![0.0f32; nb * rows];
+        let mut bias = vec![0.0f32; nb * rows];
+        let span = blocks.start * d..blocks.end * d;
+        int8::key_block_weights(
+            &prep.q_packed,
+            rows,
+            &core.scales[0][span.clone()],
+            &core.zeros[0][span],
+            nb,
+            split,
+            &mut w8,
+            &mut sigma,
+            &mut bias,
+        );
+        let weights = int8::KeyWeights {
+            q: &w8,
+            stride: d,
+            rows: q_rows,
+            block_tiles,
+            block_stride: q_rows * d,
+        };
+        let tiles = nb * block_tiles;
+        int8::key_dot(vnni, codes, tiles, d, bits, 0..d, weights, &mut sums, n);
+        // Block by block, so each inner loop is one scale and bias over contiguous sums.
+        for j in 0..nb {
+            let (lo, hi) = (
+                (j * g_tokens).max(skip),
+                ((j + 1) * g_tokens).min(skip + e - a),
             );
+            if lo >= hi {
+                continue;
+            }
             for r in 0..rows {
-                let dst = &mut scores[r * len + out_at..r * len + out_at + hi - lo];
-                let (sig, b) = (sigma[r], bias[r]);
+                let (sig, b) = (sigma[j * rows + r], bias[j * rows + r]);
+                let dst = &mut scores[r * len + lo - skip..r * len + hi - skip];
                 let his = &sums[r * n + lo..r * n + hi];
                 if split {
                     let los = &sums[(rows + r) * n + lo..(rows + r) * n + hi];
@@ -100,45 +105,41 @@ pub(super) fn key_scores<const F16C: bool>(
                     }
                 }
             }
-        } else {
-            let group = core.layout.group;
-            let groups = core.layout.channel_groups(d);
-            for (g, c0) in (0..d).step_by(group).enumerate() {
-                let c1 = (c0 + group).min(d);
-                let n = g_tokens;
-                int8::key_dot(
-                    vnni,
-                    codes,
-                    tiles,
-                    d,
-                    bits,
-                    c0..c1,
-                    &q8,
-                    d,
-                    q_rows,
-                    &mut sums,
-                    n,
-                );
-                to_f32::<F16C>(&core.scales[g][start + lo..start + hi], &mut s);
-                to_f32::<F16C>(&core.zeros[g][start + lo..start + hi], &mut z);
-                for r in 0..rows {
-                    let qsum = prep.q_group_sums[r * groups + g];
-                    let dst = &mut scores[r * len + out_at..r * len + out_at + hi - lo];
-                    let his = &sums[r * n + lo..r * n + hi];
-                    let sig = sigma[r];
-                    if split {
-                        let los = &sums[(rows + r) * n + lo..(rows + r) * n + hi];
-                        for ((((x, &sc), &zz), &h), &l) in
-                            dst.iter_mut().zip(&s).zip(&z).zip(his).zip(los)
-                        {
-                            let dot = (h as f32).mul_add(sig, l as f32 * (sig * LO));
-                            *x += sc * dot + zz * qsum;
-                        }
-                    } else {
-                        for (((x, &sc), &zz), &h) in dst.iter_mut().zip(&s).zip(&z).zip(his) {
-                            *x += sc * (sig * h as f32) + zz * qsum;
-                        }
-                    }
+        }
+        return;
+    }
+    let mut q8 = vec![0i8; q_rows * d];
+    let mut sigma = vec![0.0f32; rows];
+    for (r, row) in prep.q_packed.chunks_exact(d).enumerate() {
+        let (his, los) = q8.split_at_mut(rows * d);
+        let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
+        sigma[r] = int8::quantize_i8(row, &mut his[r * d..(r + 1) * d], lo);
+    }
+    let (mut s, mut z) = (Vec::new(), Vec::new());
+    let group = core.layout.group;
+    let groups = core.layout.channel_groups(d);
+    for (g, c0) in (0..d).step_by(group).enumerate() {
+        let c1 = (c0 + group).min(d);
+        let weights = int8::KeyWeights::shared(&q8, d, q_rows);
+        let tiles = nb * block_tiles;
+        int8::key_dot(vnni, codes, tiles, d, bits, c0..c1, weights, &mut sums, n);
+        to_f32::<F16C>(&core.scales[g][a..e], &mut s);
+        to_f32::<F16C>(&core.zeros[g][a..e], &mut z);
+        for r in 0..rows {
+            let qsum = prep.q_group_sums[r * groups + g];
+            let dst = &mut scores[r * len..r * len + (e - a)];
+            let his = &sums[r * n + skip..r * n + skip + (e - a)];
+            let sig = sigma[r];
+            if split {
+                let los = &sums[(rows + r) * n + skip..(rows + r) * n + skip + (e - a)];
+                for ((((x, &sc), &zz), &h), &l) in dst.iter_mut().zip(&s).zip(&z).zip(his).zip(los)
+                {
+                    let dot = (h as f32).mul_add(sig, l as f32 * (sig * LO));
+                    *x += sc * dot + zz * qsum;
+                }
+            } else {
+                for (((x, &sc), &zz), &h) in dst.iter_mut().zip(&s).zip(&z).zip(his) {
+                    *x += sc * (sig * h as f32) + zz * qsum;
                 }
             }
         }

@@ -180,9 +180,49 @@ pub fn vnni_available() -> bool {
     false
 }
 
-/// Key scores in integers: for `tiles` consecutive key tiles at `codes` and `r < rows`,
-/// `out[r·out_stride + 16·tile + t] = Σ_{c ∈ channels} q[r·q_stride + c] · code(tile, t, c)`.
-/// `channels` must start and end on multiples of 32 (or at `head_dim`).
+/// `i8` query rows as [`key_dot`] reads them: row `r` of the weights for key tile `tile`
+/// starts at `(tile / block_tiles)·block_stride + r·stride` in `q`, so that per-channel keys
+/// can give each block of `block_tiles` tiles its own weights (per-token keys: one block).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyWeights<'a> {
+    pub q: &'a [i8],
+    pub stride: usize,
+    pub rows: usize,
+    pub block_tiles: usize,
+    pub block_stride: usize,
+}
+
+impl<'a> KeyWeights<'a> {
+    /// The same `rows` rows for every tile.
+    pub fn shared(q: &'a [i8], stride: usize, rows: usize) -> KeyWeights<'a> {
+        KeyWeights {
+            q,
+            stride,
+            rows,
+            block_tiles: 1,
+            block_stride: 0,
+        }
+    }
+
+    /// The rows from row `r0` on.
+    fn from_row(self, r0: usize) -> KeyWeights<'a> {
+        KeyWeights {
+            q: &self.q[r0 * self.stride..],
+            rows: self.rows - r0,
+            ..self
+        }
+    }
+
+    /// Where the weights of `tile` start.
+    pub(super) fn at(&self, tile: usize) -> usize {
+        tile / self.block_tiles * self.block_stride
+    }
+}
+
+/// Key scores in integers: for `tiles` consecutive key tiles at `codes` and `r < w.rows`,
+/// `out[r·out_stride + 16·tile + t] = Σ_{c ∈ channels} q_tile[r·stride + c] · code(tile, t, c)`
+/// with the tile's weights `q_tile` as [`KeyWeights`] places them. `channels` must start and
+/// end on multiples of 32 (or at `head_dim`).
 #[allow(clippy::too_many_arguments)]
 pub fn key_dot(
     vnni: bool,
@@ -191,12 +231,11 @@ pub fn key_dot(
     head_dim: usize,
     bits: u8,
     channels: Range<usize>,
-    q: &[i8],
-    q_stride: usize,
-    rows: usize,
+    w: KeyWeights,
     out: &mut [i32],
     out_stride: usize,
 ) {
+    let rows = w.rows;
     if rows == 0 || tiles == 0 {
         return;
     }
@@ -214,8 +253,9 @@ pub fn key_dot(
         codes.len() >= tiles * key_tile_bytes(head_dim, bits),
         "key_dot: codes too short"
     );
+    assert!(w.block_tiles > 0, "key_dot: zero tiles per weight block");
     assert!(
-        q.len() >= (rows - 1) * q_stride + channels.end,
+        w.q.len() >= w.at(tiles - 1) + (rows - 1) * w.stride + channels.end,
         "key_dot: query too short"
     );
     assert!(
@@ -223,8 +263,8 @@ pub fn key_dot(
         "key_dot: output too short"
     );
     for r0 in (0..rows).step_by(super::MAX_ROWS) {
-        let n = super::MAX_ROWS.min(rows - r0);
-        let q = &q[r0 * q_stride..];
+        let w = w.from_row(r0);
+        let n = super::MAX_ROWS.min(w.rows);
         let out = &mut out[r0 * out_stride..];
         #[cfg(target_arch = "x86_64")]
         if vnni && vnni_available_cached() {
@@ -236,9 +276,7 @@ pub fn key_dot(
                     head_dim,
                     bits,
                     channels.clone(),
-                    q,
-                    q_stride,
-                    n,
+                    KeyWeights { rows: n, ..w },
                     out,
                     out_stride,
                 )
@@ -249,11 +287,11 @@ pub fn key_dot(
         for r in 0..n {
             for tile in 0..tiles {
                 let t_codes = &codes[tile * key_tile_bytes(head_dim, bits)..];
+                let q = &w.q[w.at(tile) + r * w.stride..];
                 for t in 0..KEY_TILE_TOKENS {
                     let mut sum = 0i32;
                     for c in channels.clone() {
-                        sum += q[r * q_stride + c] as i32
-                            * key_code(t_codes, head_dim, bits, t, c) as i32;
+                        sum += q[c] as i32 * key_code(t_codes, head_dim, bits, t, c) as i32;
                     }
                     out[r * out_stride + tile * KEY_TILE_TOKENS + t] = sum;
                 }
@@ -400,44 +438,80 @@ pub fn quantize_i8_scalar(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f3
     amax / 127.0
 }
 
-/// The weights of one query row against one block of per-channel keys: `w = q ∘ s` rounded by
-/// [`quantize_i8`] into `hi` (and `lo`), and the zero-point term `Σ_c q_c·z_c`. Returns
-/// `(σ, bias)`. The AVX-512 version gives the same bytes and `σ`; `bias` may differ in
-/// rounding (another summation order).
-pub fn key_weights(
+/// The weights of `rows` query rows (`q`: `rows × d`) against `blocks` consecutive blocks of
+/// per-channel keys (`s`, `z`: `blocks × d` scales and zero-points). For block `j` and row `r`:
+/// `w = q_r ∘ s_j` rounded by [`quantize_i8`] into `w8[(j·q_rows + r)·d..]` (`hi`) and, when
+/// `split`, `w8[(j·q_rows + rows + r)·d..]` (`lo`), where `q_rows` is `2·rows` when split and
+/// `rows` otherwise (the row layout [`key_dot`] reads with a block stride of `q_rows·d`);
+/// `sigma[j·rows + r] = σ` and `bias[j·rows + r] = Σ_c q_c·z_c`. The AVX-512 version gives
+/// the same bytes and `σ`; `bias` may differ in rounding (another summation order).
+#[allow(clippy::too_many_arguments)]
+pub fn key_block_weights(
     q: &[f32],
+    rows: usize,
     s: &[half::f16],
     z: &[half::f16],
-    hi: &mut [i8],
-    lo: Option<&mut [i8]>,
-) -> (f32, f32) {
-    let d = q.len();
-    assert!(s.len() >= d && z.len() >= d && hi.len() >= d);
-    assert!(d <= 512, "key_weights: head_dim {d} above 512");
-    #[cfg(target_arch = "x86_64")]
-    if vnni_available_cached() {
-        // SAFETY: AVX-512 F/BW/VL and F16C detected; lengths asserted.
-        return unsafe { super::int8_avx512::key_weights(q, s, z, hi, lo) };
+    blocks: usize,
+    split: bool,
+    w8: &mut [i8],
+    sigma: &mut [f32],
+    bias: &mut [f32],
+) {
+    if rows == 0 || blocks == 0 {
+        return;
     }
-    key_weights_scalar(q, s, z, hi, lo)
+    let d = q.len() / rows;
+    let q_rows = if split { 2 * rows } else { rows };
+    assert!(
+        q.len() == rows * d,
+        "key_block_weights: query not rows × head_dim"
+    );
+    assert!(d <= 512, "key_block_weights: head_dim {d} above 512");
+    assert!(s.len() >= blocks * d && z.len() >= blocks * d);
+    assert!(w8.len() >= blocks * q_rows * d);
+    assert!(sigma.len() >= blocks * rows && bias.len() >= blocks * rows);
+    #[cfg(target_arch = "x86_64")]
+    if vnni_available_cached() && d.is_multiple_of(32) {
+        // SAFETY: AVX-512 F/BW/VL and F16C detected; lengths asserted, `d` as it requires.
+        return unsafe {
+            super::int8_avx512::key_block_weights(q, rows, s, z, blocks, split, w8, sigma, bias)
+        };
+    }
+    key_block_weights_scalar(q, rows, s, z, blocks, split, w8, sigma, bias)
 }
 
-/// The definition of [`key_weights`].
-pub fn key_weights_scalar(
+/// The definition of [`key_block_weights`].
+#[allow(clippy::too_many_arguments)]
+pub fn key_block_weights_scalar(
     q: &[f32],
+    rows: usize,
     s: &[half::f16],
     z: &[half::f16],
-    hi: &mut [i8],
-    lo: Option<&mut [i8]>,
-) -> (f32, f32) {
+    blocks: usize,
+    split: bool,
+    w8: &mut [i8],
+    sigma: &mut [f32],
+    bias: &mut [f32],
+) {
+    let d = q.len() / rows.max(1);
+    let q_rows = if split { 2 * rows } else { rows };
     let mut w = [0.0f32; 512];
-    let w = &mut w[..q.len()];
-    let mut bias = 0.0f32;
-    for (((w, &q), s), z) in w.iter_mut().zip(q).zip(s).zip(z) {
-        *w = q * s.to_f32();
-        bias = q.mul_add(z.to_f32(), bias);
+    let w = &mut w[..d];
+    for j in 0..blocks {
+        let (sj, zj) = (&s[j * d..(j + 1) * d], &z[j * d..(j + 1) * d]);
+        let wj = &mut w8[j * q_rows * d..(j + 1) * q_rows * d];
+        let (his, los) = wj.split_at_mut(rows * d);
+        for (r, qr) in q.chunks_exact(d).enumerate() {
+            let mut b = 0.0f32;
+            for (((w, &q), s), z) in w.iter_mut().zip(qr).zip(sj).zip(zj) {
+                *w = q * s.to_f32();
+                b = q.mul_add(z.to_f32(), b);
+            }
+            let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
+            sigma[j * rows + r] = quantize_i8_scalar(w, &mut his[r * d..(r + 1) * d], lo);
+            bias[j * rows + r] = b;
+        }
     }
-    (quantize_i8_scalar(w, hi, lo), bias)
 }
 
 /// The weights of one query row and one channel group over value tiles: probability `p[i]`
@@ -631,36 +705,29 @@ mod tests {
                     let n = tiles * KEY_TILE_TOKENS;
                     let mut a = vec![0i32; rows * n];
                     let mut b = vec![0i32; rows * n];
-                    key_dot(
-                        false,
-                        &kcodes,
-                        tiles,
-                        d,
-                        bits,
-                        channels.clone(),
-                        &q,
-                        d,
-                        rows,
-                        &mut a,
-                        n,
-                    );
-                    key_dot(
-                        true,
-                        &kcodes,
-                        tiles,
-                        d,
-                        bits,
-                        channels.clone(),
-                        &q,
-                        d,
-                        rows,
-                        &mut b,
-                        n,
-                    );
-                    assert_eq!(
-                        a, b,
-                        "key_dot bits {bits} rows {rows} channels {channels:?}"
-                    );
+                    // Shared rows, and per-tile rows (one block per tile, the query
+                    // rotated by a row each tile so the blocks' weights differ).
+                    let per_tile: Vec<i8> = (0..tiles)
+                        .flat_map(|t| q.iter().cycle().skip(t * d).take(rows * d).copied())
+                        .collect();
+                    for w in [
+                        KeyWeights::shared(&q, d, rows),
+                        KeyWeights {
+                            q: &per_tile,
+                            stride: d,
+                            rows,
+                            block_tiles: 1,
+                            block_stride: rows * d,
+                        },
+                    ] {
+                        let (ch, n) = (channels.clone(), n);
+                        key_dot(false, &kcodes, tiles, d, bits, ch.clone(), w, &mut a, n);
+                        key_dot(true, &kcodes, tiles, d, bits, ch, w, &mut b, n);
+                        assert_eq!(
+                            a, b,
+                            "key_dot bits {bits} rows {rows} channels {channels:?} {w:?}"
+                        );
+                    }
                 }
                 let ws = tiles * VALUE_TILE_TOKENS;
                 let w: Vec<i8> = (0..rows * ws)
@@ -736,22 +803,43 @@ mod tests {
         use half::f16;
         let mut seed = 3;
         let mut f = |scale: f32| (lcg(&mut seed) as f32 / (1u64 << 31) as f32 - 0.5) * scale;
-        for d in [32usize, 64, 256] {
-            let q: Vec<f32> = (0..d).map(|_| f(4.0)).collect();
-            let s: Vec<f16> = (0..d).map(|_| f16::from_f32(f(1.0).abs())).collect();
-            let z: Vec<f16> = (0..d).map(|_| f16::from_f32(f(3.0))).collect();
+        for (d, rows, blocks) in [(32usize, 1usize, 1usize), (64, 3, 5), (256, 2, 3)] {
+            let q: Vec<f32> = (0..rows * d).map(|_| f(4.0)).collect();
+            let mut s: Vec<f16> = (0..blocks * d)
+                .map(|_| f16::from_f32(f(1.0).abs()))
+                .collect();
+            // A block of zero scales: all weights 0, σ 0.
+            s[..d].fill(f16::ZERO);
+            let z: Vec<f16> = (0..blocks * d).map(|_| f16::from_f32(f(3.0))).collect();
             for split in [false, true] {
-                let (mut h1, mut l1, mut h2, mut l2) =
-                    (vec![0i8; d], vec![0i8; d], vec![0i8; d], vec![0i8; d]);
-                let (s1, b1) =
-                    key_weights_scalar(&q, &s, &z, &mut h1, split.then_some(&mut l1[..]));
-                let (s2, b2) = key_weights(&q, &s, &z, &mut h2, split.then_some(&mut l2[..]));
-                assert_eq!(
-                    (s1.to_bits(), &h1, &l1),
-                    (s2.to_bits(), &h2, &l2),
-                    "keys d {d}"
+                let q_rows = if split { 2 * rows } else { rows };
+                let (mut w1, mut w2) = (
+                    vec![1i8; blocks * q_rows * d],
+                    vec![2i8; blocks * q_rows * d],
                 );
-                assert!((b1 - b2).abs() <= 1e-5 * (1.0 + b1.abs()), "{b1} vs {b2}");
+                let (mut s1, mut s2) = (vec![1.0f32; blocks * rows], vec![2.0f32; blocks * rows]);
+                let (mut b1, mut b2) = (vec![0.0f32; blocks * rows], vec![0.0f32; blocks * rows]);
+                key_block_weights_scalar(
+                    &q, rows, &s, &z, blocks, split, &mut w1, &mut s1, &mut b1,
+                );
+                key_block_weights(&q, rows, &s, &z, blocks, split, &mut w2, &mut s2, &mut b2);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!((bits(&s1), &w1), (bits(&s2), &w2), "keys d {d} rows {rows}");
+                assert_eq!(s1[0], 0.0);
+                assert!(w1[..d].iter().all(|&x| x == 0));
+                assert!(s1[rows..].iter().all(|&x| x > 0.0));
+                for (x, y) in b1.iter().zip(&b2) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+                }
+                // Each block's weights are its own: block j, row r is q_r ∘ s_j rounded.
+                let (j, r) = (blocks - 1, rows - 1);
+                let w: Vec<f32> = (0..d)
+                    .map(|c| q[r * d + c] * s[j * d + c].to_f32())
+                    .collect();
+                let mut hi = vec![0i8; d];
+                let sig = quantize_i8_scalar(&w, &mut hi, None);
+                assert_eq!(sig, s1[j * rows + r]);
+                assert_eq!(&w1[(j * q_rows + r) * d..(j * q_rows + r + 1) * d], &hi[..]);
             }
         }
         for (first, n) in [

@@ -10,7 +10,9 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::int8::{key_tile_bytes, planes, value_tile_bytes, KEY_TILE_TOKENS, VALUE_TILE_TOKENS};
+use super::int8::{
+    key_tile_bytes, planes, value_tile_bytes, KeyWeights, KEY_TILE_TOKENS, VALUE_TILE_TOKENS,
+};
 
 macro_rules! by_rows {
     ($rows:expr, $f:ident, $($arg:expr),*) => {
@@ -28,7 +30,7 @@ macro_rules! by_rows {
     };
 }
 
-/// See [`super::int8::key_dot`]; `rows ≤ 8`, bounds checked by the caller.
+/// See [`super::int8::key_dot`]; `w.rows ≤ 8`, bounds checked by the caller.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn key_dot(
@@ -37,16 +39,14 @@ pub(super) unsafe fn key_dot(
     head_dim: usize,
     bits: u8,
     channels: Range<usize>,
-    q: &[i8],
-    q_stride: usize,
-    rows: usize,
+    w: KeyWeights,
     out: &mut [i32],
     out_stride: usize,
 ) {
-    let (codes, q, out) = (codes.as_ptr(), q.as_ptr(), out.as_mut_ptr());
+    let (codes, out) = (codes.as_ptr(), out.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
     by_rows!(
-        rows,
+        w.rows,
         key_dot_rows,
         codes,
         tiles,
@@ -54,8 +54,7 @@ pub(super) unsafe fn key_dot(
         bits,
         c0,
         c1,
-        q,
-        q_stride,
+        w,
         out,
         out_stride
     )
@@ -70,18 +69,18 @@ unsafe fn key_dot_rows<const R: usize>(
     bits: u8,
     c0: usize,
     c1: usize,
-    q: *const i8,
-    q_stride: usize,
+    w: KeyWeights,
     out: *mut i32,
     out_stride: usize,
 ) {
     let tile_bytes = key_tile_bytes(d, bits);
     for tile in 0..tiles {
         let base = codes.add(tile * tile_bytes);
+        let q = w.q.as_ptr().add(w.at(tile));
         let mut total = [_mm512_setzero_si512(); R];
-        for (w, off) in planes(bits) {
+        for (pw, off) in planes(bits) {
             let panel = base.add(2 * d * off as usize);
-            let sums = plane_dot_any::<R>(w, panel, c0, c1, q, q_stride);
+            let sums = plane_dot_any::<R>(pw, panel, c0, c1, q, w.stride);
             add_shifted(&mut total, &sums, off);
         }
         for (r, t) in total.iter().enumerate() {
@@ -280,70 +279,89 @@ pub(super) unsafe fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>
     amax / 127.0
 }
 
-/// See [`super::int8::key_weights`]: `w` is built and its maximum taken in one pass, then
-/// rounded from the stack (no zero-filled scratch: every lane read was written).
+/// See [`super::int8::key_block_weights`]; `d` a multiple of 32 (every tiled layout's), so
+/// whole vectors and chunks in pairs. Per block the scales and zero-points are widened once
+/// for all rows; per row `w` is built and its maximum taken in one pass, then rounded from
+/// the stack. One call covers many blocks, so the out-of-order core overlaps one row's
+/// reductions with the next row's work.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-pub(super) unsafe fn key_weights(
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn key_block_weights(
     q: &[f32],
+    rows: usize,
     s: &[half::f16],
     z: &[half::f16],
-    hi: &mut [i8],
-    lo: Option<&mut [i8]>,
-) -> (f32, f32) {
-    let d = q.len();
+    blocks: usize,
+    split: bool,
+    w8: &mut [i8],
+    sigma: &mut [f32],
+    bias: &mut [f32],
+) {
+    let d = q.len() / rows;
+    debug_assert!(d.is_multiple_of(32) && d <= 512);
+    let q_rows = if split { 2 * rows } else { rows };
+    let chunks = d / 16;
+    let mut sv = std::mem::MaybeUninit::<[__m512; 32]>::uninit();
+    let mut zv = std::mem::MaybeUninit::<[__m512; 32]>::uninit();
     let mut w = std::mem::MaybeUninit::<[__m512; 32]>::uninit();
-    let wp = w.as_mut_ptr() as *mut __m512;
-    let mut bias = [_mm512_setzero_ps(); 2];
-    let mut m = _mm512_setzero_ps();
-    let (qp, sp, zp) = (
-        q.as_ptr(),
-        s.as_ptr() as *const u16,
-        z.as_ptr() as *const u16,
+    let (svp, zvp, wp) = (
+        sv.as_mut_ptr() as *mut __m512,
+        zv.as_mut_ptr() as *mut __m512,
+        w.as_mut_ptr() as *mut __m512,
     );
-    let chunks = d.div_ceil(16);
-    for j in 0..chunks {
-        let i = 16 * j;
-        let mask: __mmask16 = if i + 16 <= d {
-            0xFFFF
-        } else {
-            ((1u32 << (d - i)) - 1) as u16
-        };
-        let qv = _mm512_maskz_loadu_ps(mask, qp.add(i));
-        let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sp.add(i) as *const _));
-        let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, zp.add(i) as *const _));
-        let wv = _mm512_mul_ps(qv, sv);
-        wp.add(j).write(wv);
-        m = _mm512_max_ps(m, _mm512_abs_ps(wv));
-        bias[j & 1] = _mm512_fmadd_ps(qv, zv, bias[j & 1]);
-    }
-    let bias = _mm512_reduce_add_ps(_mm512_add_ps(bias[0], bias[1]));
-    let amax = _mm512_reduce_max_ps(m);
-    let (hp, lp) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
-    if amax == 0.0 {
-        std::ptr::write_bytes(hp, 0, d);
-        if let Some(lp) = lp {
-            std::ptr::write_bytes(lp, 0, d);
-        }
-        return (0.0, bias);
-    }
-    let k = _mm512_set1_ps(127.0 / amax);
     let k254 = _mm512_set1_ps(254.0);
-    for j in 0..chunks {
-        let i = 16 * j;
-        let mask: __mmask16 = if i + 16 <= d {
-            0xFFFF
-        } else {
-            ((1u32 << (d - i)) - 1) as u16
-        };
-        let t = _mm512_mul_ps(wp.add(j).read(), k);
-        let h = _mm512_cvtps_epi32(t);
-        _mm512_mask_cvtsepi32_storeu_epi8(hp.add(i) as *mut _, mask, h);
-        if let Some(lp) = lp {
-            let r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), k254);
-            _mm512_mask_cvtsepi32_storeu_epi8(lp.add(i) as *mut _, mask, _mm512_cvtps_epi32(r));
+    for blk in 0..blocks {
+        let (sp, zp) = (s.as_ptr().add(blk * d), z.as_ptr().add(blk * d));
+        for j in 0..chunks {
+            let at = 16 * j;
+            svp.add(j)
+                .write(_mm512_cvtph_ps(_mm256_loadu_si256(sp.add(at) as *const _)));
+            zvp.add(j)
+                .write(_mm512_cvtph_ps(_mm256_loadu_si256(zp.add(at) as *const _)));
+        }
+        for r in 0..rows {
+            let qp = q.as_ptr().add(r * d);
+            let (mut b0, mut b1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let (mut m0, mut m1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for j in (0..chunks).step_by(2) {
+                let q0 = _mm512_loadu_ps(qp.add(16 * j));
+                let q1 = _mm512_loadu_ps(qp.add(16 * j + 16));
+                let w0 = _mm512_mul_ps(q0, svp.add(j).read());
+                let w1 = _mm512_mul_ps(q1, svp.add(j + 1).read());
+                wp.add(j).write(w0);
+                wp.add(j + 1).write(w1);
+                m0 = _mm512_max_ps(m0, _mm512_abs_ps(w0));
+                m1 = _mm512_max_ps(m1, _mm512_abs_ps(w1));
+                b0 = _mm512_fmadd_ps(q0, zvp.add(j).read(), b0);
+                b1 = _mm512_fmadd_ps(q1, zvp.add(j + 1).read(), b1);
+            }
+            bias[blk * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+            let hp = w8.as_mut_ptr().add((blk * q_rows + r) * d);
+            let lp = split.then(|| w8.as_mut_ptr().add((blk * q_rows + rows + r) * d));
+            if amax == 0.0 {
+                std::ptr::write_bytes(hp, 0, d);
+                if let Some(lp) = lp {
+                    std::ptr::write_bytes(lp, 0, d);
+                }
+                sigma[blk * rows + r] = 0.0;
+                continue;
+            }
+            let k = _mm512_set1_ps(127.0 / amax);
+            for j in 0..chunks {
+                let i = 16 * j;
+                let t = _mm512_mul_ps(wp.add(j).read(), k);
+                let h = _mm512_cvtps_epi32(t);
+                _mm_storeu_si128(hp.add(i) as *mut _, _mm512_cvtsepi32_epi8(h));
+                if let Some(lp) = lp {
+                    let r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), k254);
+                    let l = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r));
+                    _mm_storeu_si128(lp.add(i) as *mut _, l);
+                }
+            }
+            sigma[blk * rows + r] = amax / 127.0;
         }
     }
-    (amax / 127.0, bias)
 }
 
 /// See [`super::int8::value_weights`].
