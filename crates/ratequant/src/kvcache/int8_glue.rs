@@ -27,6 +27,27 @@ pub const SPLIT_BITS: u8 = 4;
 /// The scale of the `lo` part relative to the `hi` part.
 const LO: f32 = 1.0 / 254.0;
 
+/// Buffers one thread reuses from task to task, so that a task allocates nothing.
+#[derive(Default)]
+pub(super) struct Scratch {
+    sums: Vec<i32>,
+    w8: Vec<i8>,
+    sigma: Vec<f32>,
+    bias: Vec<f32>,
+    lo_acc: Vec<f32>,
+    s: Vec<f32>,
+    z: Vec<f32>,
+}
+
+/// The first `n` elements of `v`, grown as needed. Not cleared: every caller writes each
+/// element it reads.
+fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
 /// Scores of quantized positions `a..e` into `scores[r·len + pos − a]` (tiled keys).
 #[inline(always)]
 pub(super) fn key_scores<const F16C: bool>(
@@ -37,6 +58,7 @@ pub(super) fn key_scores<const F16C: bool>(
     e: usize,
     scores: &mut [f32],
     len: usize,
+    scratch: &mut Scratch,
 ) {
     let core = &key.core;
     let (d, bits, rows) = (core.head_dim, core.bits, prep.rows);
@@ -53,13 +75,22 @@ pub(super) fn key_scores<const F16C: bool>(
     // at `skip + pos − a`.
     let n = nb * g_tokens;
     let skip = a - blocks.start * g_tokens;
-    let mut sums = vec![0i32; q_rows * n];
+    let Scratch {
+        sums,
+        w8,
+        sigma,
+        bias,
+        s,
+        z,
+        ..
+    } = scratch;
+    let sums = take(sums, q_rows * n);
     if core.layout.per_channel {
         // Every block's weights first (one pass over the scales), then one kernel call over
         // all tiles, each block reading its own weights.
-        let mut w8 = vec![0i8; nb * q_rows * d];
-        let mut sigma = vec![0.0f32; nb * rows];
-        let mut bias = vec![0.0f32; nb * rows];
+        let w8 = take(w8, nb * q_rows * d);
+        let sigma = take(sigma, nb * rows);
+        let bias = take(bias, nb * rows);
         let span = blocks.start * d..blocks.end * d;
         int8::key_block_weights(
             &prep.q_packed,
@@ -68,9 +99,9 @@ pub(super) fn key_scores<const F16C: bool>(
             &core.zeros[0][span],
             nb,
             split,
-            &mut w8,
-            &mut sigma,
-            &mut bias,
+            w8,
+            sigma,
+            bias,
         );
         let weights = int8::KeyWeights {
             q: &w8,
@@ -80,7 +111,7 @@ pub(super) fn key_scores<const F16C: bool>(
             block_stride: q_rows * d,
         };
         let tiles = nb * block_tiles;
-        int8::key_dot(vnni, codes, tiles, d, bits, 0..d, weights, &mut sums, n);
+        int8::key_dot(vnni, codes, tiles, d, bits, 0..d, weights, sums, n);
         // Block by block, so each inner loop is one scale and bias over contiguous sums.
         for j in 0..nb {
             let (lo, hi) = (
@@ -108,23 +139,22 @@ pub(super) fn key_scores<const F16C: bool>(
         }
         return;
     }
-    let mut q8 = vec![0i8; q_rows * d];
-    let mut sigma = vec![0.0f32; rows];
+    let q8 = take(w8, q_rows * d);
+    let sigma = take(sigma, rows);
     for (r, row) in prep.q_packed.chunks_exact(d).enumerate() {
         let (his, los) = q8.split_at_mut(rows * d);
         let lo = split.then(|| &mut los[r * d..(r + 1) * d]);
         sigma[r] = int8::quantize_i8(row, &mut his[r * d..(r + 1) * d], lo);
     }
-    let (mut s, mut z) = (Vec::new(), Vec::new());
     let group = core.layout.group;
     let groups = core.layout.channel_groups(d);
     for (g, c0) in (0..d).step_by(group).enumerate() {
         let c1 = (c0 + group).min(d);
         let weights = int8::KeyWeights::shared(&q8, d, q_rows);
         let tiles = nb * block_tiles;
-        int8::key_dot(vnni, codes, tiles, d, bits, c0..c1, weights, &mut sums, n);
-        to_f32::<F16C>(&core.scales[g][a..e], &mut s);
-        to_f32::<F16C>(&core.zeros[g][a..e], &mut z);
+        int8::key_dot(vnni, codes, tiles, d, bits, c0..c1, weights, sums, n);
+        to_f32::<F16C>(&core.scales[g][a..e], s);
+        to_f32::<F16C>(&core.zeros[g][a..e], z);
         for r in 0..rows {
             let qsum = prep.q_group_sums[r * groups + g];
             let dst = &mut scores[r * len..r * len + (e - a)];
@@ -132,13 +162,13 @@ pub(super) fn key_scores<const F16C: bool>(
             let sig = sigma[r];
             if split {
                 let los = &sums[(rows + r) * n + skip..(rows + r) * n + skip + (e - a)];
-                for ((((x, &sc), &zz), &h), &l) in dst.iter_mut().zip(&s).zip(&z).zip(his).zip(los)
+                for ((((x, &sc), &zz), &h), &l) in dst.iter_mut().zip(s.iter()).zip(z.iter()).zip(his).zip(los)
                 {
                     let dot = (h as f32).mul_add(sig, l as f32 * (sig * LO));
                     *x += sc * dot + zz * qsum;
                 }
             } else {
-                for (((x, &sc), &zz), &h) in dst.iter_mut().zip(&s).zip(&z).zip(his) {
+                for (((x, &sc), &zz), &h) in dst.iter_mut().zip(s.iter()).zip(z.iter()).zip(his) {
                     *x += sc * (sig * h as f32) + zz * qsum;
                 }
             }
@@ -159,6 +189,7 @@ pub(super) fn values<const F16C: bool>(
     e: usize,
     rows: usize,
     acc: &mut [f32],
+    scratch: &mut Scratch,
 ) {
     const T: usize = int8::VALUE_TILE_TOKENS;
     let core = &value.core;
@@ -169,13 +200,9 @@ pub(super) fn values<const F16C: bool>(
     // As for keys: rows `rows..2·rows` hold `lo` when split, accumulated apart and added.
     let split = bits >= SPLIT_BITS;
     let w_rows = if split { 2 * rows } else { rows };
-    let mut w8 = vec![0i8; w_rows * nt * T];
-    let mut sigma = vec![0.0f32; w_rows * nt];
-    let mut lo_acc = if split {
-        vec![0.0f32; 2 * rows * d]
-    } else {
-        Vec::new()
-    };
+    let w8 = take(&mut scratch.w8, w_rows * nt * T);
+    let sigma = take(&mut scratch.sigma, w_rows * nt);
+    let lo_acc = take(&mut scratch.lo_acc, if split { 2 * rows * d } else { 0 });
     // Position `pos` sits at tile position `pos − tiles.start·T`; others weigh 0.
     let first = a - tiles.start * T;
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
@@ -215,7 +242,7 @@ pub(super) fn values<const F16C: bool>(
                 &sigma,
                 nt,
                 w_rows,
-                &mut lo_acc,
+                lo_acc,
                 d,
             );
             for r in 0..rows {

@@ -532,22 +532,25 @@ impl PackedKvCache {
         let isa = self.isa;
         let residual = self.residual;
         // Per (KV head, query): the query rows, scaled, rotated for QuaRot keys.
-        let preps: Vec<QueryPrep> = (0..kv_heads * tokens)
-            .into_par_iter()
-            .map(|hi| {
-                let (h, i) = (hi / tokens, hi % tokens);
-                QueryPrep::new(
-                    &views[h].key.core,
-                    q,
-                    h * rows,
-                    rows,
-                    tokens,
-                    i,
-                    d,
-                    params.scale,
-                )
-            })
-            .collect();
+        let prep = |hi: usize| {
+            let (h, i) = (hi / tokens, hi % tokens);
+            QueryPrep::new(
+                &views[h].key.core,
+                q,
+                h * rows,
+                rows,
+                tokens,
+                i,
+                d,
+                params.scale,
+            )
+        };
+        // A decode step's few preps run here: handing them to the pool costs more than they do.
+        let preps: Vec<QueryPrep> = if kv_heads * tokens < 64 {
+            (0..kv_heads * tokens).map(prep).collect()
+        } else {
+            (0..kv_heads * tokens).into_par_iter().map(prep).collect()
+        };
         let mut tasks = Vec::new();
         for h in 0..kv_heads {
             for i in 0..tokens {
@@ -565,19 +568,23 @@ impl PackedKvCache {
         let vnni = self.vnni();
         let parts: Vec<TaskOut> = tasks
             .par_iter()
-            .map(|&(h, i, a, b)| {
+            .map_init(TaskScratch::default, |scratch, &(h, i, a, b)| {
                 let (view, prep, p) = (&views[h], &preps[h * tokens + i], first + i);
                 #[cfg(target_arch = "x86_64")]
                 if vnni && glue_avx2 {
                     // SAFETY: AVX-512 F/BW/VNNI, AVX2, FMA and F16C were detected.
-                    return unsafe { run_task_avx512(isa, vnni, view, prep, p, a, b, d, residual) };
+                    return unsafe {
+                        run_task_avx512(isa, vnni, view, prep, p, a, b, d, residual, scratch)
+                    };
                 }
                 #[cfg(target_arch = "x86_64")]
                 if glue_avx2 {
                     // SAFETY: AVX2, FMA and F16C were detected.
-                    return unsafe { run_task_avx2(isa, vnni, view, prep, p, a, b, d, residual) };
+                    return unsafe {
+                        run_task_avx2(isa, vnni, view, prep, p, a, b, d, residual, scratch)
+                    };
                 }
-                run_task::<false>(isa, vnni, view, prep, p, a, b, d, residual)
+                run_task::<false>(isa, vnni, view, prep, p, a, b, d, residual, scratch)
             })
             .collect();
         // Merge each (KV head, query)'s blocks; tasks are in (h, i) order.
@@ -731,6 +738,13 @@ impl QueryPrep {
     }
 }
 
+/// Buffers a thread reuses from task to task.
+#[derive(Default)]
+struct TaskScratch {
+    scores: Vec<f32>,
+    int8: int8_glue::Scratch,
+}
+
 struct TaskOut {
     softmax: Vec<SoftmaxPart>,
     acc_q: Vec<f32>,
@@ -752,8 +766,9 @@ fn run_task_avx2(
     b: usize,
     d: usize,
     residual: usize,
+    scratch: &mut TaskScratch,
 ) -> TaskOut {
-    run_task::<true>(isa, vnni, view, prep, p, a, b, d, residual)
+    run_task::<true>(isa, vnni, view, prep, p, a, b, d, residual, scratch)
 }
 
 /// [`run_task`] with its glue compiled for AVX-512 (the integer kernels' glue rounds whole
@@ -771,8 +786,9 @@ fn run_task_avx512(
     b: usize,
     d: usize,
     residual: usize,
+    scratch: &mut TaskScratch,
 ) -> TaskOut {
-    run_task::<true>(isa, vnni, view, prep, p, a, b, d, residual)
+    run_task::<true>(isa, vnni, view, prep, p, a, b, d, residual, scratch)
 }
 
 /// Attention of one (KV head, query at position `p`) over positions `a..b`: scores, the
@@ -792,17 +808,29 @@ fn run_task<const F16C: bool>(
     b: usize,
     d: usize,
     residual: usize,
+    scratch: &mut TaskScratch,
 ) -> TaskOut {
     let rows = prep.rows;
     let len = b - a;
-    let mut scores = vec![0.0f32; rows * len];
+    let scores = &mut scratch.scores;
+    scores.clear();
+    scores.resize(rows * len, 0.0);
     let key = &view.key.core;
     let kq = key.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(kq);
     if a < packed_end && view.key.tiled {
-        int8_glue::key_scores::<F16C>(vnni, view.key, prep, a, packed_end, &mut scores, len);
+        int8_glue::key_scores::<F16C>(
+            vnni,
+            view.key,
+            prep,
+            a,
+            packed_end,
+            scores,
+            len,
+            &mut scratch.int8,
+        );
     } else if a < packed_end {
-        packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, &mut scores, len);
+        packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, scores, len);
     }
     for pos in a.max(kq)..b {
         let row = view.k_fp.row(pos, d);
@@ -825,11 +853,19 @@ fn run_task<const F16C: bool>(
     let packed_end = b.min(vq);
     if a < packed_end && view.value.tiled {
         int8_glue::values::<F16C>(
-            vnni, view.value, &scores, len, a, packed_end, rows, &mut acc_q,
+            vnni,
+            view.value,
+            scores,
+            len,
+            a,
+            packed_end,
+            rows,
+            &mut acc_q,
+            &mut scratch.int8,
         );
     } else if a < packed_end {
         packed_values::<F16C>(
-            isa, view.value, &scores, len, a, packed_end, rows, &mut acc_q,
+            isa, view.value, scores, len, a, packed_end, rows, &mut acc_q,
         );
     }
     for pos in a.max(vq)..b {
