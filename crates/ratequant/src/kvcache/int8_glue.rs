@@ -162,7 +162,8 @@ pub(super) fn key_scores<const F16C: bool>(
             let sig = sigma[r];
             if split {
                 let los = &sums[(rows + r) * n + skip..(rows + r) * n + skip + (e - a)];
-                for ((((x, &sc), &zz), &h), &l) in dst.iter_mut().zip(s.iter()).zip(z.iter()).zip(his).zip(los)
+                for ((((x, &sc), &zz), &h), &l) in
+                    dst.iter_mut().zip(s.iter()).zip(z.iter()).zip(his).zip(los)
                 {
                     let dot = (h as f32).mul_add(sig, l as f32 * (sig * LO));
                     *x += sc * dot + zz * qsum;
@@ -231,19 +232,7 @@ pub(super) fn values<const F16C: bool>(
             lo_acc.fill(0.0);
             let ch = c0..c1;
             int8::value_accumulate(
-                vnni,
-                codes,
-                nt,
-                d,
-                bits,
-                ch,
-                &w8,
-                ws,
-                &sigma,
-                nt,
-                w_rows,
-                lo_acc,
-                d,
+                vnni, codes, nt, d, bits, ch, &w8, ws, &sigma, nt, w_rows, lo_acc, d,
             );
             for r in 0..rows {
                 for c in c0..c1 {

@@ -851,7 +851,11 @@ mod tests {
             (0, 1024),
             (13, 1011),
         ] {
-            let p: Vec<f32> = (0..n).map(|_| f(2.0).abs()).collect();
+            let mut p: Vec<f32> = (0..n).map(|_| f(2.0).abs()).collect();
+            if n >= 100 {
+                // Covers a whole tile: its weights and scale are 0.
+                p[30..100].fill(0.0);
+            }
             let s: Vec<f16> = (0..n).map(|_| f16::from_f32(f(1.0).abs())).collect();
             let z: Vec<f16> = (0..n).map(|_| f16::from_f32(f(3.0))).collect();
             let tiles = (first + n).div_ceil(32);
@@ -885,6 +889,7 @@ mod tests {
                     &mut b.2,
                 );
                 assert_eq!(a, b, "values first {first} n {n} split {split}");
+                assert_eq!(a.2.contains(&0.0), n >= 100, "first {first} n {n}");
                 assert!((za - zb).abs() <= 1e-4 * (1.0 + za.abs()), "{za} vs {zb}");
                 // Positions outside the tokens weigh nothing.
                 assert!(a.0[..first].iter().all(|&x| x == 0));

@@ -280,10 +280,9 @@ pub(super) unsafe fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>
 }
 
 /// See [`super::int8::key_block_weights`]; `d` a multiple of 32 (every tiled layout's), so
-/// whole vectors and chunks in pairs. Per block the scales and zero-points are widened once
-/// for all rows; per row `w` is built and its maximum taken in one pass, then rounded from
-/// the stack. One call covers many blocks, so the out-of-order core overlaps one row's
-/// reductions with the next row's work.
+/// whole vectors and chunks in pairs. Sixteen (block, row) items at a time: their weights to
+/// the stack, their maxima and zero-point sums reduced together by [`reduce16`], then
+/// rounded. A block's scales and zero-points are widened once for all its rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn key_block_weights(
@@ -297,74 +296,149 @@ pub(super) unsafe fn key_block_weights(
     sigma: &mut [f32],
     bias: &mut [f32],
 ) {
+    const MAX_CHUNKS: usize = 32;
     let d = q.len() / rows;
-    debug_assert!(d.is_multiple_of(32) && d <= 512);
+    debug_assert!(d.is_multiple_of(32) && d <= 16 * MAX_CHUNKS);
     let q_rows = if split { 2 * rows } else { rows };
     let chunks = d / 16;
-    let mut sv = std::mem::MaybeUninit::<[__m512; 32]>::uninit();
-    let mut zv = std::mem::MaybeUninit::<[__m512; 32]>::uninit();
-    let mut w = std::mem::MaybeUninit::<[__m512; 32]>::uninit();
-    let (svp, zvp, wp) = (
-        sv.as_mut_ptr() as *mut __m512,
-        zv.as_mut_ptr() as *mut __m512,
-        w.as_mut_ptr() as *mut __m512,
-    );
-    let k254 = _mm512_set1_ps(254.0);
-    for blk in 0..blocks {
-        let (sp, zp) = (s.as_ptr().add(blk * d), z.as_ptr().add(blk * d));
-        for j in 0..chunks {
-            let at = 16 * j;
-            svp.add(j)
-                .write(_mm512_cvtph_ps(_mm256_loadu_si256(sp.add(at) as *const _)));
-            zvp.add(j)
-                .write(_mm512_cvtph_ps(_mm256_loadu_si256(zp.add(at) as *const _)));
-        }
-        for r in 0..rows {
+    let mut sv = [_mm512_setzero_ps(); MAX_CHUNKS];
+    let mut zv = [_mm512_setzero_ps(); MAX_CHUNKS];
+    let mut w = std::mem::MaybeUninit::<[[__m512; MAX_CHUNKS]; 16]>::uninit();
+    let wp = w.as_mut_ptr() as *mut __m512;
+    let (mut m, mut sums) = ([_mm512_setzero_ps(); 16], [_mm512_setzero_ps(); 16]);
+    let mut ks = [0.0f32; 16];
+    let items = blocks * rows;
+    let mut widened = usize::MAX;
+    for i0 in (0..items).step_by(16) {
+        let count = 16.min(items - i0);
+        for jj in 0..count {
+            let (blk, r) = ((i0 + jj) / rows, (i0 + jj) % rows);
+            if blk != widened {
+                let (sp, zp) = (s.as_ptr().add(blk * d), z.as_ptr().add(blk * d));
+                for j in 0..chunks {
+                    sv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(16 * j) as *const _));
+                    zv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(zp.add(16 * j) as *const _));
+                }
+                widened = blk;
+            }
             let qp = q.as_ptr().add(r * d);
+            let wj = wp.add(jj * MAX_CHUNKS);
             let (mut b0, mut b1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             let (mut m0, mut m1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             for j in (0..chunks).step_by(2) {
                 let q0 = _mm512_loadu_ps(qp.add(16 * j));
                 let q1 = _mm512_loadu_ps(qp.add(16 * j + 16));
-                let w0 = _mm512_mul_ps(q0, svp.add(j).read());
-                let w1 = _mm512_mul_ps(q1, svp.add(j + 1).read());
-                wp.add(j).write(w0);
-                wp.add(j + 1).write(w1);
+                let w0 = _mm512_mul_ps(q0, sv[j]);
+                let w1 = _mm512_mul_ps(q1, sv[j + 1]);
+                wj.add(j).write(w0);
+                wj.add(j + 1).write(w1);
                 m0 = _mm512_max_ps(m0, _mm512_abs_ps(w0));
                 m1 = _mm512_max_ps(m1, _mm512_abs_ps(w1));
-                b0 = _mm512_fmadd_ps(q0, zvp.add(j).read(), b0);
-                b1 = _mm512_fmadd_ps(q1, zvp.add(j + 1).read(), b1);
+                b0 = _mm512_fmadd_ps(q0, zv[j], b0);
+                b1 = _mm512_fmadd_ps(q1, zv[j + 1], b1);
             }
-            bias[blk * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+            m[jj] = _mm512_max_ps(m0, m1);
+            sums[jj] = _mm512_add_ps(b0, b1);
+        }
+        for jj in count..16 {
+            (m[jj], sums[jj]) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        }
+        let live = ((1u32 << count) - 1) as __mmask16;
+        _mm512_mask_storeu_ps(bias.as_mut_ptr().add(i0), live, reduce16::<false>(&sums));
+        let (k, sig) = i8_scales(reduce16::<true>(&m));
+        _mm512_mask_storeu_ps(sigma.as_mut_ptr().add(i0), live, sig);
+        _mm512_storeu_ps(ks.as_mut_ptr(), k);
+        for (jj, &k) in ks.iter().enumerate().take(count) {
+            let (blk, r) = ((i0 + jj) / rows, (i0 + jj) % rows);
             let hp = w8.as_mut_ptr().add((blk * q_rows + r) * d);
             let lp = split.then(|| w8.as_mut_ptr().add((blk * q_rows + rows + r) * d));
-            if amax == 0.0 {
-                std::ptr::write_bytes(hp, 0, d);
-                if let Some(lp) = lp {
-                    std::ptr::write_bytes(lp, 0, d);
-                }
-                sigma[blk * rows + r] = 0.0;
-                continue;
-            }
-            let k = _mm512_set1_ps(127.0 / amax);
+            let (kj, wj) = (_mm512_set1_ps(k), wp.add(jj * MAX_CHUNKS));
             for j in 0..chunks {
-                let i = 16 * j;
-                let t = _mm512_mul_ps(wp.add(j).read(), k);
-                let h = _mm512_cvtps_epi32(t);
-                _mm_storeu_si128(hp.add(i) as *mut _, _mm512_cvtsepi32_epi8(h));
-                if let Some(lp) = lp {
-                    let r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), k254);
-                    let l = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r));
-                    _mm_storeu_si128(lp.add(i) as *mut _, l);
-                }
+                let at = 16 * j;
+                round_i8(wj.add(j).read(), kj, hp.add(at), lp.map(|l| l.add(at)));
             }
-            sigma[blk * rows + r] = amax / 127.0;
         }
     }
 }
 
-/// See [`super::int8::value_weights`].
+/// Sixteen horizontal reductions at once: lane `j` of the result is the maximum (`MAX`) or
+/// the sum of the lanes of `v[j]`. 15 shuffle pairs instead of 16 separate reductions' 64,
+/// and no scalar dependency chain per vector. Sums add in a fixed tree order.
+#[inline(always)]
+unsafe fn reduce16<const MAX: bool>(v: &[__m512; 16]) -> __m512 {
+    let op = |a: __m512, b: __m512| {
+        if MAX {
+            _mm512_max_ps(a, b)
+        } else {
+            _mm512_add_ps(a, b)
+        }
+    };
+    // Halves of 256 bits: x[i] = [v[2i] folded to 8 lanes | v[2i+1] folded to 8 lanes].
+    let mut x = [_mm512_setzero_ps(); 8];
+    for i in 0..8 {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        x[i] = op(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+        );
+    }
+    // Blocks of 128 bits: y[i] block b = v[4i + b] folded to 4 lanes.
+    let mut y = [_mm512_setzero_ps(); 4];
+    for i in 0..4 {
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        y[i] = op(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        );
+    }
+    // Inside each block b: z[i] = [v[8i+b] in 2 lanes, v[8i+4+b] in 2 lanes].
+    let mut z = [_mm512_setzero_ps(); 2];
+    for i in 0..2 {
+        let (a, b) = (y[2 * i], y[2 * i + 1]);
+        z[i] = op(
+            _mm512_shuffle_ps::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_ps::<0b11_01_11_01>(a, b),
+        );
+    }
+    // Block b, lane k holds v[4k + b]; put v[j] in lane j.
+    let w = op(
+        _mm512_shuffle_ps::<0b10_00_10_00>(z[0], z[1]),
+        _mm512_shuffle_ps::<0b11_01_11_01>(z[0], z[1]),
+    );
+    let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(idx, w)
+}
+
+/// Per lane of `amax` (a maximum of absolute values): `(127 / amax, amax / 127)`, both 0
+/// where `amax` is 0, as [`super::int8::quantize_i8`] divides.
+#[inline(always)]
+unsafe fn i8_scales(amax: __m512) -> (__m512, __m512) {
+    let c127 = _mm512_set1_ps(127.0);
+    let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(amax, _mm512_setzero_ps());
+    (
+        _mm512_maskz_div_ps(nonzero, c127, amax),
+        _mm512_div_ps(amax, c127),
+    )
+}
+
+/// Rounds `w · k` to `i8` into 16 bytes at `hp` (and the residual to 1/254 at `lp`), as
+/// [`super::int8::quantize_i8`] does (`k` 0 gives zeros, as its all-zero case).
+#[inline(always)]
+unsafe fn round_i8(w: __m512, k: __m512, hp: *mut i8, lp: Option<*mut i8>) {
+    let t = _mm512_mul_ps(w, k);
+    let h = _mm512_cvtps_epi32(t);
+    _mm_storeu_si128(hp as *mut _, _mm512_cvtsepi32_epi8(h));
+    if let Some(lp) = lp {
+        let r = _mm512_mul_ps(
+            _mm512_sub_ps(t, _mm512_cvtepi32_ps(h)),
+            _mm512_set1_ps(254.0),
+        );
+        _mm_storeu_si128(lp as *mut _, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+    }
+}
+
+/// See [`super::int8::value_weights`]. Sixteen tiles at a time: their weights to the stack,
+/// their maxima reduced together by [`reduce16`], then rounded.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 pub(super) unsafe fn value_weights(
     p: &[f32],
@@ -384,58 +458,58 @@ pub(super) unsafe fn value_weights(
     );
     let (hp, lp) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
     let mut zero = [_mm512_setzero_ps(); 2];
-    let k254 = _mm512_set1_ps(254.0);
-    for j in 0..tiles {
-        // Lanes of the two halves: tile position t ↔ token i = 32j + t − first, kept if i < n.
-        let mut w = [_mm512_setzero_ps(); 2];
-        let mut masks = [0 as __mmask16; 2];
-        for (half, (wv, m)) in w.iter_mut().zip(masks.iter_mut()).enumerate() {
-            let pos = j * VALUE_TILE_TOKENS + half * 16;
-            // Token index of lane 0 (may be "negative": lanes below `first` are masked off).
-            let base = pos as isize - first as isize;
-            let mut mask: u32 = 0xFFFF;
-            if base < 0 {
-                mask &= 0xFFFF << (-base) as u32;
+    let mut w = [[_mm512_setzero_ps(); 2]; 16];
+    let mut m = [_mm512_setzero_ps(); 16];
+    let mut ks = [0.0f32; 16];
+    for j0 in (0..tiles).step_by(16) {
+        let count = 16.min(tiles - j0);
+        for jj in 0..count {
+            let j = j0 + jj;
+            for half in 0..2 {
+                let pos = j * VALUE_TILE_TOKENS + half * 16;
+                // Token index of lane 0 (may be "negative": lanes below `first` are masked
+                // off); lane t is kept if 0 ≤ base + t < n.
+                let base = pos as isize - first as isize;
+                let mut mask: u32 = 0xFFFF;
+                if base < 0 {
+                    mask &= 0xFFFF << (-base) as u32;
+                }
+                let left = n as isize - base;
+                if left < 16 {
+                    mask &= if left <= 0 { 0 } else { (1u32 << left) - 1 };
+                }
+                let mask = mask as __mmask16;
+                let pv = _mm512_maskz_loadu_ps(mask, pp.wrapping_offset(base));
+                let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    mask,
+                    sp.wrapping_offset(base) as *const _,
+                ));
+                let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    mask,
+                    zp.wrapping_offset(base) as *const _,
+                ));
+                w[jj][half] = _mm512_mul_ps(pv, sv);
+                zero[half] = _mm512_fmadd_ps(pv, zv, zero[half]);
             }
-            let left = n as isize - base;
-            if left < 16 {
-                mask &= if left <= 0 { 0 } else { (1u32 << left) - 1 };
-            }
-            *m = mask as u16;
-            let pv = _mm512_maskz_loadu_ps(*m, pp.wrapping_offset(base));
-            let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                *m,
-                sp.wrapping_offset(base) as *const _,
-            ));
-            let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                *m,
-                zp.wrapping_offset(base) as *const _,
-            ));
-            *wv = _mm512_mul_ps(pv, sv);
-            zero[half] = _mm512_fmadd_ps(pv, zv, zero[half]);
+            m[jj] = _mm512_max_ps(_mm512_abs_ps(w[jj][0]), _mm512_abs_ps(w[jj][1]));
         }
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(w[0]), _mm512_abs_ps(w[1])));
-        let at = j * VALUE_TILE_TOKENS;
-        if amax == 0.0 {
-            sigma[j] = 0.0;
-            _mm256_storeu_si256(hp.add(at) as *mut _, _mm256_setzero_si256());
-            if let Some(lp) = lp {
-                _mm256_storeu_si256(lp.add(at) as *mut _, _mm256_setzero_si256());
-            }
-            continue;
+        for mj in &mut m[count..] {
+            *mj = _mm512_setzero_ps();
         }
-        let k = _mm512_set1_ps(127.0 / amax);
-        for (half, wv) in w.iter().enumerate() {
-            let t = _mm512_mul_ps(*wv, k);
-            let h = _mm512_cvtps_epi32(t);
-            _mm_storeu_si128(hp.add(at + half * 16) as *mut _, _mm512_cvtsepi32_epi8(h));
-            if let Some(lp) = lp {
-                let r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), k254);
-                let l = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r));
-                _mm_storeu_si128(lp.add(at + half * 16) as *mut _, l);
+        let (k, sig) = i8_scales(reduce16::<true>(&m));
+        _mm512_mask_storeu_ps(
+            sigma.as_mut_ptr().add(j0),
+            ((1u32 << count) - 1) as __mmask16,
+            sig,
+        );
+        _mm512_storeu_ps(ks.as_mut_ptr(), k);
+        for jj in 0..count {
+            let kj = _mm512_set1_ps(ks[jj]);
+            for half in 0..2 {
+                let at = (j0 + jj) * VALUE_TILE_TOKENS + half * 16;
+                round_i8(w[jj][half], kj, hp.add(at), lp.map(|l| l.add(at)));
             }
         }
-        sigma[j] = amax / 127.0;
     }
     _mm512_reduce_add_ps(_mm512_add_ps(zero[0], zero[1]))
 }
