@@ -211,19 +211,17 @@ pub(super) fn values<const F16C: bool>(
         let (s, z) = (&core.scales[g][a..e], &core.zeros[g][a..e]);
         let (his, los) = w8.split_at_mut(rows * nt * T);
         let (sig_hi, sig_lo) = sigma.split_at_mut(rows * nt);
+        let zero = take(&mut scratch.bias, rows);
+        let lo = split.then_some(&mut los[..]);
+        int8::value_weights(probs, len, rows, e - a, s, z, first, his, lo, sig_hi, zero);
         for r in 0..rows {
-            let p = &probs[r * len..r * len + (e - a)];
-            let at = r * nt * T..(r + 1) * nt * T;
-            let lo = split.then(|| &mut los[at.clone()]);
-            let sig = &mut sig_hi[r * nt..(r + 1) * nt];
-            let zero_part = int8::value_weights(p, s, z, first, &mut his[at], lo, sig);
             for x in &mut acc[r * d + c0..r * d + c1] {
-                *x += zero_part;
+                *x += zero[r];
             }
-            if split {
-                for (l, &h) in sig_lo[r * nt..(r + 1) * nt].iter_mut().zip(sig.iter()) {
-                    *l = h * LO;
-                }
+        }
+        if split {
+            for (l, &h) in sig_lo.iter_mut().zip(sig_hi.iter()) {
+                *l = h * LO;
             }
         }
         let ws = nt * T;

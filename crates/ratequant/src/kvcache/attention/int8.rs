@@ -514,63 +514,83 @@ pub fn key_block_weights_scalar(
     }
 }
 
-/// The weights of one query row and one channel group over value tiles: probability `p[i]`
-/// of the token at tile position `first + i` (`first < 32`) times its scale `s[i]`, rounded
-/// per tile of 32 positions by [`quantize_i8`] into `hi[32·j..]` (and `lo`) with scale
-/// `sigma[j]`; positions outside `first..first + n` weigh 0. Returns `Σ_i p[i]·z[i]`. The
-/// AVX-512 version gives the same bytes and scales; the returned sum may differ in rounding.
+/// The weights of `rows` probability rows and one channel group over value tiles: for row
+/// `r`, probability `p[r·p_stride + i]` of the token at tile position `first + i`
+/// (`first < 32`, `i < n`) times its scale `s[i]`, rounded per tile of 32 positions by
+/// [`quantize_i8`] into `hi[r·nt·32 + 32·j..]` (and `lo`, laid out alike) with scale
+/// `sigma[r·nt + j]`, `nt = ⌈(first + n)/32⌉`; positions outside `first..first + n` weigh 0.
+/// `zero[r] = Σ_i p[r·p_stride + i]·z[i]`. The AVX-512 version gives the same bytes and
+/// scales; the zero-point sums may differ in rounding.
 #[allow(clippy::too_many_arguments)]
 pub fn value_weights(
     p: &[f32],
+    p_stride: usize,
+    rows: usize,
+    n: usize,
     s: &[half::f16],
     z: &[half::f16],
     first: usize,
     hi: &mut [i8],
     lo: Option<&mut [i8]>,
     sigma: &mut [f32],
-) -> f32 {
-    let n = p.len();
-    let tiles = (first + n).div_ceil(VALUE_TILE_TOKENS);
+    zero: &mut [f32],
+) {
+    if rows == 0 {
+        return;
+    }
+    let nt = (first + n).div_ceil(VALUE_TILE_TOKENS);
     assert!(first < VALUE_TILE_TOKENS && s.len() >= n && z.len() >= n);
-    assert!(hi.len() >= tiles * VALUE_TILE_TOKENS && sigma.len() >= tiles);
+    assert!(p.len() >= (rows - 1) * p_stride + n && zero.len() >= rows);
+    assert!(hi.len() >= rows * nt * VALUE_TILE_TOKENS && sigma.len() >= rows * nt);
     assert!(lo
         .as_ref()
-        .is_none_or(|l| l.len() >= tiles * VALUE_TILE_TOKENS));
+        .is_none_or(|l| l.len() >= rows * nt * VALUE_TILE_TOKENS));
     #[cfg(target_arch = "x86_64")]
-    if vnni_available_cached() {
-        // SAFETY: AVX-512 F/BW and F16C detected; lengths asserted.
-        return unsafe { super::int8_avx512::value_weights(p, s, z, first, hi, lo, sigma) };
+    if vnni_available_cached() && rows <= 16 {
+        // SAFETY: AVX-512 F/BW and F16C detected; lengths asserted, rows as it requires.
+        return unsafe {
+            super::int8_avx512::value_weights(
+                p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero,
+            )
+        };
     }
-    value_weights_scalar(p, s, z, first, hi, lo, sigma)
+    value_weights_scalar(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero)
 }
 
 /// The definition of [`value_weights`].
 #[allow(clippy::too_many_arguments)]
 pub fn value_weights_scalar(
     p: &[f32],
+    p_stride: usize,
+    rows: usize,
+    n: usize,
     s: &[half::f16],
     z: &[half::f16],
     first: usize,
     hi: &mut [i8],
     mut lo: Option<&mut [i8]>,
     sigma: &mut [f32],
-) -> f32 {
+    zero: &mut [f32],
+) {
     const T: usize = VALUE_TILE_TOKENS;
-    let n = p.len();
-    let mut zero = 0.0f32;
-    for (&p, z) in p.iter().zip(z) {
-        zero = p.mul_add(z.to_f32(), zero);
-    }
-    let mut w = [0.0f32; T];
-    for j in 0..(first + n).div_ceil(T) {
-        for (t, w) in w.iter_mut().enumerate() {
-            let i = (j * T + t).wrapping_sub(first);
-            *w = if i < n { p[i] * s[i].to_f32() } else { 0.0 };
+    let nt = (first + n).div_ceil(T);
+    for r in 0..rows {
+        let p = &p[r * p_stride..r * p_stride + n];
+        zero[r] = 0.0;
+        for (&p, z) in p.iter().zip(z) {
+            zero[r] = p.mul_add(z.to_f32(), zero[r]);
         }
-        let lo = lo.as_deref_mut().map(|l| &mut l[j * T..(j + 1) * T]);
-        sigma[j] = quantize_i8_scalar(&w, &mut hi[j * T..(j + 1) * T], lo);
+        let mut w = [0.0f32; T];
+        for j in 0..nt {
+            for (t, w) in w.iter_mut().enumerate() {
+                let i = (j * T + t).wrapping_sub(first);
+                *w = if i < n { p[i] * s[i].to_f32() } else { 0.0 };
+            }
+            let at = (r * nt + j) * T..(r * nt + j + 1) * T;
+            let lo = lo.as_deref_mut().map(|l| &mut l[at.clone()]);
+            sigma[r * nt + j] = quantize_i8_scalar(&w, &mut hi[at], lo);
+        }
     }
-    zero
 }
 
 /// [`vnni_available`] and F16C (which the AVX-512 weight builders also use), asked once:
@@ -842,58 +862,55 @@ mod tests {
                 assert_eq!(&w1[(j * q_rows + r) * d..(j * q_rows + r + 1) * d], &hi[..]);
             }
         }
-        for (first, n) in [
-            (0usize, 1usize),
-            (0, 32),
-            (5, 27),
-            (31, 1),
-            (7, 100),
-            (0, 1024),
-            (13, 1011),
+        for (first, n, rows) in [
+            (0usize, 1usize, 1usize),
+            (0, 32, 2),
+            (5, 27, 1),
+            (31, 1, 3),
+            (7, 100, 3),
+            (0, 1024, 1),
+            (13, 1011, 3),
+            (3, 300, 16),
+            (9, 200, 17),
         ] {
-            let mut p: Vec<f32> = (0..n).map(|_| f(2.0).abs()).collect();
+            // Rows `p_stride` apart, with a gap of junk between them.
+            let p_stride = n + 5;
+            let mut p: Vec<f32> = (0..rows * p_stride).map(|_| f(2.0).abs()).collect();
             if n >= 100 {
-                // Covers a whole tile: its weights and scale are 0.
+                // Covers a whole tile of row 0: its weights and scale are 0.
                 p[30..100].fill(0.0);
             }
             let s: Vec<f16> = (0..n).map(|_| f16::from_f32(f(1.0).abs())).collect();
             let z: Vec<f16> = (0..n).map(|_| f16::from_f32(f(3.0))).collect();
             let tiles = (first + n).div_ceil(32);
+            let len = rows * tiles * 32;
             for split in [false, true] {
-                let mut a = (
-                    vec![9i8; tiles * 32],
-                    vec![9i8; tiles * 32],
-                    vec![0f32; tiles],
+                let mut a = (vec![9i8; len], vec![9i8; len], vec![0f32; rows * tiles]);
+                let mut b = (vec![9i8; len], vec![9i8; len], vec![0f32; rows * tiles]);
+                let (mut za, mut zb) = (vec![0f32; rows], vec![0f32; rows]);
+                let lo = split.then_some(&mut a.1[..]);
+                value_weights_scalar(
+                    &p, p_stride, rows, n, &s, &z, first, &mut a.0, lo, &mut a.2, &mut za,
                 );
-                let mut b = (
-                    vec![9i8; tiles * 32],
-                    vec![9i8; tiles * 32],
-                    vec![0f32; tiles],
+                let lo = split.then_some(&mut b.1[..]);
+                value_weights(
+                    &p, p_stride, rows, n, &s, &z, first, &mut b.0, lo, &mut b.2, &mut zb,
                 );
-                let za = value_weights_scalar(
-                    &p,
-                    &s,
-                    &z,
-                    first,
-                    &mut a.0,
-                    split.then_some(&mut a.1[..]),
-                    &mut a.2,
-                );
-                let zb = value_weights(
-                    &p,
-                    &s,
-                    &z,
-                    first,
-                    &mut b.0,
-                    split.then_some(&mut b.1[..]),
-                    &mut b.2,
-                );
-                assert_eq!(a, b, "values first {first} n {n} split {split}");
-                assert_eq!(a.2.contains(&0.0), n >= 100, "first {first} n {n}");
-                assert!((za - zb).abs() <= 1e-4 * (1.0 + za.abs()), "{za} vs {zb}");
-                // Positions outside the tokens weigh nothing.
-                assert!(a.0[..first].iter().all(|&x| x == 0));
-                assert!(a.0[first + n..].iter().all(|&x| x == 0));
+                let what = format!("values first {first} n {n} rows {rows} split {split}");
+                assert_eq!(a, b, "{what}");
+                assert_eq!(a.2[..tiles].contains(&0.0), n >= 100, "{what}");
+                for (x, y) in za.iter().zip(&zb) {
+                    assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{x} vs {y}");
+                }
+                // Each row is its own: the last row's zero-point sum, and positions outside
+                // the tokens weigh nothing.
+                let r = rows - 1;
+                let want: f32 = (0..n).map(|i| p[r * p_stride + i] * z[i].to_f32()).sum();
+                assert!((za[r] - want).abs() <= 1e-3 * (1.0 + want.abs()), "{what}");
+                let row = &a.0[r * tiles * 32..(r + 1) * tiles * 32];
+                assert!(row[..first].iter().all(|&x| x == 0));
+                assert!(row[first + n..].iter().all(|&x| x == 0));
+                assert!(row[first..first + n].iter().any(|&x| x != 0));
             }
         }
     }

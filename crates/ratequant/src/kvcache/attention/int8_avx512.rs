@@ -437,39 +437,46 @@ unsafe fn round_i8(w: __m512, k: __m512, hp: *mut i8, lp: Option<*mut i8>) {
     }
 }
 
-/// See [`super::int8::value_weights`]. Sixteen tiles at a time: their weights to the stack,
-/// their maxima reduced together by [`reduce16`], then rounded.
+/// See [`super::int8::value_weights`]; `rows ≤ 16`. Tile by tile, the scales and
+/// zero-points are widened once for all rows; `16 / rows` tiles' (row, tile) items at a time
+/// have their weights kept on the stack and their maxima reduced together by [`reduce16`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn value_weights(
     p: &[f32],
+    p_stride: usize,
+    rows: usize,
+    n: usize,
     s: &[half::f16],
     z: &[half::f16],
     first: usize,
     hi: &mut [i8],
     lo: Option<&mut [i8]>,
     sigma: &mut [f32],
-) -> f32 {
-    let n = p.len();
-    let tiles = (first + n).div_ceil(VALUE_TILE_TOKENS);
+    zero: &mut [f32],
+) {
+    const T: usize = VALUE_TILE_TOKENS;
+    debug_assert!((1..=16).contains(&rows));
+    let nt = (first + n).div_ceil(T);
+    let per = 16 / rows;
     let (pp, sp, zp) = (
         p.as_ptr(),
         s.as_ptr() as *const u16,
         z.as_ptr() as *const u16,
     );
     let (hp, lp) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
-    let mut zero = [_mm512_setzero_ps(); 2];
+    let mut zeros = [[_mm512_setzero_ps(); 2]; 16];
     let mut w = [[_mm512_setzero_ps(); 2]; 16];
     let mut m = [_mm512_setzero_ps(); 16];
-    let mut ks = [0.0f32; 16];
-    for j0 in (0..tiles).step_by(16) {
-        let count = 16.min(tiles - j0);
+    let (mut ks, mut sigs) = ([0.0f32; 16], [0.0f32; 16]);
+    for j0 in (0..nt).step_by(per) {
+        let count = per.min(nt - j0);
         for jj in 0..count {
             let j = j0 + jj;
             for half in 0..2 {
-                let pos = j * VALUE_TILE_TOKENS + half * 16;
                 // Token index of lane 0 (may be "negative": lanes below `first` are masked
                 // off); lane t is kept if 0 ≤ base + t < n.
-                let base = pos as isize - first as isize;
+                let base = (j * T + half * 16) as isize - first as isize;
                 let mut mask: u32 = 0xFFFF;
                 if base < 0 {
                     mask &= 0xFFFF << (-base) as u32;
@@ -479,7 +486,6 @@ pub(super) unsafe fn value_weights(
                     mask &= if left <= 0 { 0 } else { (1u32 << left) - 1 };
                 }
                 let mask = mask as __mmask16;
-                let pv = _mm512_maskz_loadu_ps(mask, pp.wrapping_offset(base));
                 let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
                     mask,
                     sp.wrapping_offset(base) as *const _,
@@ -488,30 +494,40 @@ pub(super) unsafe fn value_weights(
                     mask,
                     zp.wrapping_offset(base) as *const _,
                 ));
-                w[jj][half] = _mm512_mul_ps(pv, sv);
-                zero[half] = _mm512_fmadd_ps(pv, zv, zero[half]);
+                for r in 0..rows {
+                    let at = (r * p_stride) as isize + base;
+                    let pv = _mm512_maskz_loadu_ps(mask, pp.wrapping_offset(at));
+                    w[jj * rows + r][half] = _mm512_mul_ps(pv, sv);
+                    zeros[r][half] = _mm512_fmadd_ps(pv, zv, zeros[r][half]);
+                }
             }
-            m[jj] = _mm512_max_ps(_mm512_abs_ps(w[jj][0]), _mm512_abs_ps(w[jj][1]));
+            for r in 0..rows {
+                let [w0, w1] = w[jj * rows + r];
+                m[jj * rows + r] = _mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1));
+            }
         }
-        for mj in &mut m[count..] {
-            *mj = _mm512_setzero_ps();
+        for mi in &mut m[count * rows..] {
+            *mi = _mm512_setzero_ps();
         }
         let (k, sig) = i8_scales(reduce16::<true>(&m));
-        _mm512_mask_storeu_ps(
-            sigma.as_mut_ptr().add(j0),
-            ((1u32 << count) - 1) as __mmask16,
-            sig,
-        );
         _mm512_storeu_ps(ks.as_mut_ptr(), k);
+        _mm512_storeu_ps(sigs.as_mut_ptr(), sig);
         for jj in 0..count {
-            let kj = _mm512_set1_ps(ks[jj]);
-            for half in 0..2 {
-                let at = (j0 + jj) * VALUE_TILE_TOKENS + half * 16;
-                round_i8(w[jj][half], kj, hp.add(at), lp.map(|l| l.add(at)));
+            let j = j0 + jj;
+            for r in 0..rows {
+                let item = jj * rows + r;
+                sigma[r * nt + j] = sigs[item];
+                let kj = _mm512_set1_ps(ks[item]);
+                for half in 0..2 {
+                    let at = (r * nt + j) * T + half * 16;
+                    round_i8(w[item][half], kj, hp.add(at), lp.map(|l| l.add(at)));
+                }
             }
         }
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(zero[0], zero[1]))
+    for r in 0..rows {
+        zero[r] = _mm512_reduce_add_ps(_mm512_add_ps(zeros[r][0], zeros[r][1]));
+    }
 }
 
 // Keep the tile constants referenced here in step with the layout's definition.
