@@ -444,8 +444,12 @@ fn a_cache_larger_than_available_memory_is_refused_before_allocating() {
 #[test]
 fn bad_arguments_are_named() {
     let f = fixture();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--kv", "kivi:9"], "bits"),
+        (
+            &["--attention", "int8"],
+            "--kv fp keeps the cache in full precision",
+        ),
         (&["--temperature=-1"], "temperature"),
         (&["--temperature", "1", "--top-p", "0"], "top-p"),
         (&["--max-tokens", "0"], "--max-tokens"),

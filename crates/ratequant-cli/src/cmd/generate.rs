@@ -189,6 +189,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let spec = KvSpec::parse(&args.kv).map_err(anyhow::Error::msg)?;
+    if args.plan.is_none()
+        && spec == KvSpec::FullPrecision
+        && args.attention != AttentionKernel::Float
+    {
+        bail!(
+            "--attention {} runs on packed codes, but --kv fp keeps the cache in full precision: \
+             give --kv DESIGN:BITS or --plan, or drop --attention",
+            args.attention.name()
+        );
+    }
 
     let model = load_model(&args.model, &AssetCache::from_env())
         .with_context(|| format!("loading model `{}`", args.model))?;
