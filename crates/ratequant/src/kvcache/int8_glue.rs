@@ -50,6 +50,7 @@ fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 
 /// Scores of quantized positions `a..e` into `scores[r·len + pos − a]` (tiled keys).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn key_scores<const F16C: bool>(
     vnni: bool,
     key: &KeyStore,
@@ -104,7 +105,7 @@ pub(super) fn key_scores<const F16C: bool>(
             bias,
         );
         let weights = int8::KeyWeights {
-            q: &w8,
+            q: w8,
             stride: d,
             rows: q_rows,
             block_tiles,
@@ -150,7 +151,7 @@ pub(super) fn key_scores<const F16C: bool>(
     let groups = core.layout.channel_groups(d);
     for (g, c0) in (0..d).step_by(group).enumerate() {
         let c1 = (c0 + group).min(d);
-        let weights = int8::KeyWeights::shared(&q8, d, q_rows);
+        let weights = int8::KeyWeights::shared(q8, d, q_rows);
         let tiles = nb * block_tiles;
         int8::key_dot(vnni, codes, tiles, d, bits, c0..c1, weights, sums, n);
         to_f32::<F16C>(&core.scales[g][a..e], s);
@@ -230,7 +231,7 @@ pub(super) fn values<const F16C: bool>(
             lo_acc.fill(0.0);
             let ch = c0..c1;
             int8::value_accumulate(
-                vnni, codes, nt, d, bits, ch, &w8, ws, &sigma, nt, w_rows, lo_acc, d,
+                vnni, codes, nt, d, bits, ch, w8, ws, sigma, nt, w_rows, lo_acc, d,
             );
             for r in 0..rows {
                 for c in c0..c1 {
@@ -245,9 +246,9 @@ pub(super) fn values<const F16C: bool>(
                 d,
                 bits,
                 c0..c1,
-                &w8,
+                w8,
                 ws,
-                &sigma,
+                sigma,
                 nt,
                 rows,
                 acc,

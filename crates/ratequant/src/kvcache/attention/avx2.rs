@@ -42,6 +42,36 @@ impl Simd for Avx2 {
     unsafe fn add(a: __m256, b: __m256) -> __m256 {
         _mm256_add_ps(a, b)
     }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        _mm256_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        _mm256_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        use super::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY, EXP_ROUND};
+        let set = _mm256_set1_ps;
+        let x = _mm256_min_ps(_mm256_max_ps(x, set(-87.0)), set(88.0));
+        let round = set(EXP_ROUND);
+        let n = _mm256_sub_ps(
+            _mm256_fmadd_ps(x, set(std::f32::consts::LOG2_E), round),
+            round,
+        );
+        let r = _mm256_fmadd_ps(n, set(-EXP_LN2_HI), x);
+        let r = _mm256_fmadd_ps(n, set(-EXP_LN2_LO), r);
+        let mut poly = set(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            poly = _mm256_fmadd_ps(poly, r, set(*c));
+        }
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(_mm256_castsi256_ps(pow2), poly)
+    }
 }
 
 /// Up to 3 bits the eight codes fit the low 24 bits of one 32-bit word: broadcast the word and
@@ -232,4 +262,11 @@ pub(super) unsafe fn value_accumulate(
             acc_stride
         )
     )
+}
+
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn softmax_block(scores: &mut [f32]) -> (f32, f32) {
+    simd::softmax_block::<Avx2>(scores)
 }

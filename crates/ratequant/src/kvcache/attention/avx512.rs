@@ -42,6 +42,36 @@ impl Simd for Avx512 {
     unsafe fn add(a: __m512, b: __m512) -> __m512 {
         _mm512_add_ps(a, b)
     }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        _mm512_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        _mm512_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        use super::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY, EXP_ROUND};
+        let set = _mm512_set1_ps;
+        let x = _mm512_min_ps(_mm512_max_ps(x, set(-87.0)), set(88.0));
+        let round = set(EXP_ROUND);
+        let n = _mm512_sub_ps(
+            _mm512_fmadd_ps(x, set(std::f32::consts::LOG2_E), round),
+            round,
+        );
+        let r = _mm512_fmadd_ps(n, set(-EXP_LN2_HI), x);
+        let r = _mm512_fmadd_ps(n, set(-EXP_LN2_LO), r);
+        let mut poly = set(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            poly = _mm512_fmadd_ps(poly, r, set(*c));
+        }
+        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(_mm512_castsi512_ps(pow2), poly)
+    }
 }
 
 /// [`ShuffleUnpack`]'s constants by bit-width ([`simd::shuffle_table`]; 16 bytes are loaded
@@ -173,4 +203,11 @@ pub(super) unsafe fn value_accumulate(
             acc_stride
         )
     )
+}
+
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn softmax_block(scores: &mut [f32]) -> (f32, f32) {
+    simd::softmax_block::<Avx512>(scores)
 }

@@ -205,7 +205,7 @@ impl<'a> KeyWeights<'a> {
     }
 
     /// The rows from row `r0` on.
-    fn from_row(self, r0: usize) -> KeyWeights<'a> {
+    fn skip_rows(self, r0: usize) -> KeyWeights<'a> {
         KeyWeights {
             q: &self.q[r0 * self.stride..],
             rows: self.rows - r0,
@@ -263,7 +263,7 @@ pub fn key_dot(
         "key_dot: output too short"
     );
     for r0 in (0..rows).step_by(super::MAX_ROWS) {
-        let w = w.from_row(r0);
+        let w = w.skip_rows(r0);
         let n = super::MAX_ROWS.min(w.rows);
         let out = &mut out[r0 * out_stride..];
         #[cfg(target_arch = "x86_64")]

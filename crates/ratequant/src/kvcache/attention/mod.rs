@@ -323,12 +323,12 @@ pub fn exp_f32(x: f32) -> f32 {
     f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
-const EXP_ROUND: f32 = 12_582_912.0;
+pub(super) const EXP_ROUND: f32 = 12_582_912.0;
 /// ln 2 split in two so that `n·LN2_HI` is exact.
-const EXP_LN2_HI: f32 = 0.693_359_4;
-const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+pub(super) const EXP_LN2_HI: f32 = 0.693_359_4;
+pub(super) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
 /// Taylor coefficients of `e^r`, highest degree first.
-const EXP_POLY: [f32; 7] = [
+pub(super) const EXP_POLY: [f32; 7] = [
     1.0 / 720.0,
     1.0 / 120.0,
     1.0 / 24.0,
@@ -345,19 +345,19 @@ pub fn softmax_block(isa: Isa, scores: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && isa.is_available() {
         // SAFETY: AVX-512 F is available.
-        return unsafe { softmax_block_avx512(scores) };
+        return unsafe { avx512::softmax_block(scores) };
     }
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar && isa.is_available() {
         // SAFETY: AVX2/FMA are implied by both SIMD paths being available.
-        return unsafe { softmax_block_avx2(scores) };
+        return unsafe { avx2::softmax_block(scores) };
     }
     let _ = isa;
     softmax_block_generic(scores)
 }
 
 /// Lanes of the softmax's running maxima and sums: one AVX-512 vector, two AVX2 vectors.
-const SOFTMAX_LANES: usize = 16;
+pub(super) const SOFTMAX_LANES: usize = 16;
 
 #[inline(always)]
 fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
@@ -391,135 +391,6 @@ fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
         sums[0] += *s;
     }
     (max, sums.iter().sum())
-}
-
-/// [`softmax_block_generic`] in AVX2, operation for operation (the same max, the same exp
-/// arithmetic, the same sixteen lane sums in two vectors), so it returns identical bits;
-/// the compiler does not vectorise the generic exp's float→int conversion on its own.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_block_avx2(scores: &mut [f32]) -> (f32, f32) {
-    use std::arch::x86_64::*;
-    let whole = scores.len() / SOFTMAX_LANES * SOFTMAX_LANES;
-    let p = scores.as_mut_ptr();
-    let mut maxes = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
-    for i in (0..whole).step_by(16) {
-        // max_ps(x, m) = if x > m { x } else { m }, as the generic loop.
-        maxes[0] = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), maxes[0]);
-        maxes[1] = _mm256_max_ps(_mm256_loadu_ps(p.add(i + 8)), maxes[1]);
-    }
-    let mut lanes = [0f32; SOFTMAX_LANES];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), maxes[0]);
-    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), maxes[1]);
-    let max = scores[whole..]
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    if scores.is_empty() {
-        return (max, 0.0);
-    }
-    let vmax = _mm256_set1_ps(max);
-    let mut sums = [_mm256_setzero_ps(); 2];
-    for i in (0..whole).step_by(16) {
-        for (h, sum) in sums.iter_mut().enumerate() {
-            let at = p.add(i + 8 * h);
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(at), vmax));
-            _mm256_storeu_ps(at, e);
-            *sum = _mm256_add_ps(*sum, e);
-        }
-    }
-    _mm256_storeu_ps(lanes.as_mut_ptr(), sums[0]);
-    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), sums[1]);
-    for s in &mut scores[whole..] {
-        *s = exp_f32(*s - max);
-        lanes[0] += *s;
-    }
-    (max, lanes.iter().sum())
-}
-
-/// [`softmax_block_generic`] in AVX-512, sixteen lanes in one vector: identical bits again.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_block_avx512(scores: &mut [f32]) -> (f32, f32) {
-    use std::arch::x86_64::*;
-    let whole = scores.len() / SOFTMAX_LANES * SOFTMAX_LANES;
-    let p = scores.as_mut_ptr();
-    let mut maxes = _mm512_set1_ps(f32::NEG_INFINITY);
-    for i in (0..whole).step_by(16) {
-        maxes = _mm512_max_ps(_mm512_loadu_ps(p.add(i)), maxes);
-    }
-    let mut lanes = [0f32; SOFTMAX_LANES];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), maxes);
-    let max = scores[whole..]
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    if scores.is_empty() {
-        return (max, 0.0);
-    }
-    let vmax = _mm512_set1_ps(max);
-    let mut sums = _mm512_setzero_ps();
-    for i in (0..whole).step_by(16) {
-        let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmax));
-        _mm512_storeu_ps(p.add(i), e);
-        sums = _mm512_add_ps(sums, e);
-    }
-    _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
-    for s in &mut scores[whole..] {
-        *s = exp_f32(*s - max);
-        lanes[0] += *s;
-    }
-    (max, lanes.iter().sum())
-}
-
-/// Sixteen lanes of [`exp_f32`], the same operations in the same order.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let set = _mm512_set1_ps;
-    let x = _mm512_min_ps(_mm512_max_ps(x, set(-87.0)), set(88.0));
-    let round = set(EXP_ROUND);
-    let n = _mm512_sub_ps(
-        _mm512_fmadd_ps(x, set(std::f32::consts::LOG2_E), round),
-        round,
-    );
-    let r = _mm512_fmadd_ps(n, set(-EXP_LN2_HI), x);
-    let r = _mm512_fmadd_ps(n, set(-EXP_LN2_LO), r);
-    let mut poly = set(EXP_POLY[0]);
-    for c in &EXP_POLY[1..] {
-        poly = _mm512_fmadd_ps(poly, r, set(*c));
-    }
-    let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_cvtps_epi32(n),
-        _mm512_set1_epi32(127),
-    ));
-    _mm512_mul_ps(_mm512_castsi512_ps(pow2), poly)
-}
-
-/// Eight lanes of [`exp_f32`], the same operations in the same order.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let set = _mm256_set1_ps;
-    let x = _mm256_min_ps(_mm256_max_ps(x, set(-87.0)), set(88.0));
-    let round = set(EXP_ROUND);
-    let n = _mm256_sub_ps(
-        _mm256_fmadd_ps(x, set(std::f32::consts::LOG2_E), round),
-        round,
-    );
-    let r = _mm256_fmadd_ps(n, set(-EXP_LN2_HI), x);
-    let r = _mm256_fmadd_ps(n, set(-EXP_LN2_LO), r);
-    let mut poly = set(EXP_POLY[0]);
-    for c in &EXP_POLY[1..] {
-        poly = _mm256_fmadd_ps(poly, r, set(*c));
-    }
-    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
-    _mm256_mul_ps(_mm256_castsi256_ps(pow2), poly)
 }
 
 /// `Σ_c a[c]·b[c]` with eight partial sums, so that it vectorises.

@@ -28,6 +28,58 @@ pub(super) trait Simd {
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    /// `if a > b { a } else { b }` per lane (`maxps`'s operand order).
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// [`super::exp_f32`] per lane: the same operations in the same order, so the same bits.
+    unsafe fn exp(x: Self::V) -> Self::V;
+}
+
+/// [`super::softmax_block`]: [`super::SOFTMAX_LANES`] running maxima and sums, held in one
+/// AVX-512 vector or two AVX2 vectors, so every width returns the scalar definition's bits.
+#[inline(always)]
+pub(super) unsafe fn softmax_block<S: Simd>(scores: &mut [f32]) -> (f32, f32) {
+    const L: usize = super::SOFTMAX_LANES;
+    let per = L / S::LANES;
+    debug_assert!(per * S::LANES == L && per <= 2);
+    let whole = scores.len() / L * L;
+    let p = scores.as_mut_ptr();
+    let mut maxes = [S::splat(&f32::NEG_INFINITY); 2];
+    for i in (0..whole).step_by(L) {
+        for h in 0..per {
+            // max(x, m) = if x > m { x } else { m }, as the scalar loop.
+            maxes[h] = S::max(S::load(p.add(i + h * S::LANES)), maxes[h]);
+        }
+    }
+    let mut lanes = [0f32; L];
+    for h in 0..per {
+        S::store(lanes.as_mut_ptr().add(h * S::LANES), maxes[h]);
+    }
+    let max = scores[whole..]
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    if scores.is_empty() {
+        return (max, 0.0);
+    }
+    let vmax = S::splat(&max);
+    let mut sums = [S::zero(); 2];
+    for i in (0..whole).step_by(L) {
+        for h in 0..per {
+            let at = p.add(i + h * S::LANES);
+            let e = S::exp(S::sub(S::load(at), vmax));
+            S::store(at, e);
+            sums[h] = S::add(sums[h], e);
+        }
+    }
+    for h in 0..per {
+        S::store(lanes.as_mut_ptr().add(h * S::LANES), sums[h]);
+    }
+    for s in &mut scores[whole..] {
+        *s = super::exp_f32(*s - max);
+        lanes[0] += *s;
+    }
+    (max, lanes.iter().sum())
 }
 
 /// Turns `LANES` consecutive `b`-bit codes into f32 lanes holding `code·2^shift[lane]`.
