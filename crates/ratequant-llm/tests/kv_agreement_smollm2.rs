@@ -41,13 +41,20 @@ fn logits(decoder: &Decoder, tokens: &[u32], cache: &mut dyn KvCache) -> Vec<f32
     all
 }
 
-/// Largest |a − b| over all logits, and the share of positions whose top-1 token agrees.
-fn compare(a: &[f32], b: &[f32], vocab: usize) -> (f32, f64) {
+/// Mean |a − b| over all logits, the largest, and the share of positions whose top-1 token
+/// agrees.
+fn compare(a: &[f32], b: &[f32], vocab: usize) -> (f32, f32, f64) {
     let max_diff = a
         .iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max);
+    let mean_diff = (a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .sum::<f64>()
+        / a.len() as f64) as f32;
     let argmax = |row: &[f32]| {
         (0..row.len())
             .max_by(|&i, &j| row[i].total_cmp(&row[j]))
@@ -59,7 +66,7 @@ fn compare(a: &[f32], b: &[f32], vocab: usize) -> (f32, f64) {
             argmax(&a[r * vocab..(r + 1) * vocab]) == argmax(&b[r * vocab..(r + 1) * vocab])
         })
         .count();
-    (max_diff, same as f64 / rows as f64)
+    (mean_diff, max_diff, same as f64 / rows as f64)
 }
 
 #[test]
@@ -93,14 +100,15 @@ fn smollm2_packed_cache_matches_packed_simulation() {
     let fp = logits(&decoder, tokens, &mut FpCache::new(c.num_layers));
 
     let scale = fp.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let (d_sim, top1_sim) = compare(&packed, &sim, vocab);
-    let (d_tile, _) = compare(&packed, &tile, vocab);
-    let (d_fp, _) = compare(&packed, &fp, vocab);
+    let (m_sim, d_sim, top1_sim) = compare(&packed, &sim, vocab);
+    let (m_tile, d_tile, _) = compare(&packed, &tile, vocab);
+    let (m_fp, d_fp, _) = compare(&packed, &fp, vocab);
     eprintln!(
         "smollm2, kivi:2, residual {RESIDUAL}, {PREFILL} prefilled + {DECODE} decoded: max |logit| {scale:.2}; \
          attention outputs fed identical inputs: max relative difference {replayed:.2e} over {} calls; \
-         free-running max |Δlogit| packed vs packed-simulation {d_sim:.3} (top-1 agreement {top1_sim}), \
-         vs tile simulation {d_tile:.3}, vs fp {d_fp:.3}; KV held {:?}",
+         free-running mean (max) |Δlogit| packed vs packed-simulation {m_sim:.4} ({d_sim:.3}; top-1 \
+         agreement {top1_sim}), vs tile simulation {m_tile:.4} ({d_tile:.3}), vs fp {m_fp:.4} ({d_fp:.3}); \
+         KV held {:?}",
         packed_cache.calls.len(),
         packed_cache.inner.memory()
     );
@@ -109,10 +117,18 @@ fn smollm2_packed_cache_matches_packed_simulation() {
         "packed vs packed-simulation on identical inputs: {replayed} (relative)"
     );
     // Free-running: the f16 amplification (module docs) stays well below the difference the
-    // semantics make (tile simulation) and the quantization itself.
+    // semantics make (tile simulation) and the quantization itself. It is chaotic: changing
+    // only the order in which the softmax and the dot products sum moved the largest
+    // difference from 0.84 to 1.98 and to 1.02 (tile 7.3–7.9, fp 9.8–10.1) and the mean from
+    // 0.04 to 0.13 (tile 0.82, fp 0.68–0.70). So the mean is held to a quarter of the others',
+    // the largest to a half.
     assert!(
-        d_sim < 0.25 * d_tile.min(d_fp),
-        "packed vs packed-simulation: {d_sim}, tile {d_tile}, fp {d_fp} (logit scale {scale})"
+        m_sim < 0.25 * m_tile.min(m_fp),
+        "mean: packed vs packed-simulation {m_sim}, tile {m_tile}, fp {m_fp}"
+    );
+    assert!(
+        d_sim < 0.5 * d_tile.min(d_fp),
+        "max: packed vs packed-simulation {d_sim}, tile {d_tile}, fp {d_fp} (logit scale {scale})"
     );
     assert_eq!(top1_sim, 1.0, "top-1 tokens differ");
     assert!(

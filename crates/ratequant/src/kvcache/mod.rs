@@ -743,6 +743,18 @@ impl QueryPrep {
 struct TaskScratch {
     scores: Vec<f32>,
     int8: int8_glue::Scratch,
+    float: FloatScratch,
+}
+
+/// The float kernels' glue buffers (f32 scales and zero-points, folded weights, partial
+/// scores or probability-scale products).
+#[derive(Default)]
+struct FloatScratch {
+    s: Vec<f32>,
+    z: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    tmp: Vec<f32>,
 }
 
 struct TaskOut {
@@ -830,7 +842,16 @@ fn run_task<const F16C: bool>(
             &mut scratch.int8,
         );
     } else if a < packed_end {
-        packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, scores, len);
+        packed_key_scores::<F16C>(
+            isa,
+            view.key,
+            prep,
+            a,
+            packed_end,
+            scores,
+            len,
+            &mut scratch.float,
+        );
     }
     for pos in a.max(kq)..b {
         let row = view.k_fp.row(pos, d);
@@ -865,7 +886,15 @@ fn run_task<const F16C: bool>(
         );
     } else if a < packed_end {
         packed_values::<F16C>(
-            isa, view.value, scores, len, a, packed_end, rows, &mut acc_q,
+            isa,
+            view.value,
+            scores,
+            len,
+            a,
+            packed_end,
+            rows,
+            &mut acc_q,
+            &mut scratch.float,
         );
     }
     for pos in a.max(vq)..b {
@@ -926,23 +955,22 @@ fn packed_key_scores<const F16C: bool>(
     e: usize,
     scores: &mut [f32],
     len: usize,
+    scratch: &mut FloatScratch,
 ) {
     let core = &key.core;
     let d = core.head_dim;
     let rows = prep.rows;
     let t_block = key.block_tokens;
     let block_bytes = key.block_bytes();
-    let mut s = Vec::new();
-    let mut z = Vec::new();
-    let mut w = vec![0.0f32; rows * d];
-    let mut bias = vec![0.0f32; rows];
-    let mut tmp = Vec::new();
+    let FloatScratch { s, z, w, bias, tmp } = scratch;
+    w.resize(rows * d, 0.0);
+    bias.resize(rows, 0.0);
     let blocks = a / t_block..e.div_ceil(t_block);
     if core.layout.per_channel {
         // Every block's scales and zero-points at once: `[block][channel]`.
         let range = blocks.start * d..blocks.end * d;
-        to_f32::<F16C>(&core.scales[0][range.clone()], &mut s);
-        to_f32::<F16C>(&core.zeros[0][range], &mut z);
+        to_f32::<F16C>(&core.scales[0][range.clone()], s);
+        to_f32::<F16C>(&core.zeros[0][range], z);
     }
     for blk in blocks.clone() {
         let blk_start = blk * t_block;
@@ -972,7 +1000,7 @@ fn packed_key_scores<const F16C: bool>(
                 core.bits,
                 0..d,
                 lo..hi,
-                &w,
+                w,
                 d,
                 rows,
                 &mut scores[out_at..],
@@ -1001,16 +1029,18 @@ fn packed_key_scores<const F16C: bool>(
                     &prep.q_packed,
                     d,
                     rows,
-                    &mut tmp,
+                    tmp,
                     n,
                 );
-                to_f32::<F16C>(&core.scales[g][blk_start + lo..blk_start + hi], &mut s);
-                to_f32::<F16C>(&core.zeros[g][blk_start + lo..blk_start + hi], &mut z);
+                to_f32::<F16C>(&core.scales[g][blk_start + lo..blk_start + hi], s);
+                to_f32::<F16C>(&core.zeros[g][blk_start + lo..blk_start + hi], z);
                 let groups = core.layout.channel_groups(d);
                 for (r, part) in tmp.chunks_exact(n).enumerate() {
                     let qsum = prep.q_group_sums[r * groups + g];
                     let dst = &mut scores[r * len + out_at..r * len + out_at + n];
-                    for (((x, &sc), &zz), &dot) in dst.iter_mut().zip(&s).zip(&z).zip(part) {
+                    for (((x, &sc), &zz), &dot) in
+                        dst.iter_mut().zip(s.iter()).zip(z.iter()).zip(part)
+                    {
                         *x += sc * dot + zz * qsum;
                     }
                 }
@@ -1036,23 +1066,22 @@ fn packed_values<const F16C: bool>(
     e: usize,
     rows: usize,
     acc: &mut [f32],
+    scratch: &mut FloatScratch,
 ) {
     let core = &value.core;
     let d = core.head_dim;
     let n = e - a;
     let codes = &core.codes[a * value.row_bytes..];
-    let mut s = Vec::new();
-    let mut z = Vec::new();
-    let mut ps = Vec::with_capacity(rows * n);
+    let FloatScratch { s, z, tmp: ps, .. } = scratch;
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
         let c1 = (c0 + core.layout.group).min(d);
-        to_f32::<F16C>(&core.scales[g][a..e], &mut s);
-        to_f32::<F16C>(&core.zeros[g][a..e], &mut z);
+        to_f32::<F16C>(&core.scales[g][a..e], s);
+        to_f32::<F16C>(&core.zeros[g][a..e], z);
         ps.clear();
         for r in 0..rows {
             let p = &probs[r * len..r * len + n];
-            ps.extend(p.iter().zip(&s).map(|(&pp, &sc)| pp * sc));
-            let zero_part = attention::dot_with::<F16C>(p, &z);
+            ps.extend(p.iter().zip(s.iter()).map(|(&pp, &sc)| pp * sc));
+            let zero_part = attention::dot_with::<F16C>(p, z);
             for x in &mut acc[r * d + c0..r * d + c1] {
                 *x += zero_part;
             }
@@ -1064,7 +1093,7 @@ fn packed_values<const F16C: bool>(
             core.bits,
             n,
             c0..c1,
-            &ps,
+            ps,
             n,
             rows,
             acc,

@@ -413,8 +413,12 @@ pub fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes::<FUSED>(a, b)
 }
 
-/// The definition of [`dot_with`]: eight partial sums over whole chunks of eight, a tail over
-/// the remainders, then the lanes summed in order.
+/// Partial sums of [`dot_lanes`]: four AVX2 vectors, so that four independent FMA chains
+/// hide the FMA latency on long inputs (the per-group zero-point sums run over whole tasks).
+const DOT_LANES: usize = 32;
+
+/// The definition of [`dot_with`]: [`DOT_LANES`] partial sums over whole chunks of that many
+/// elements, a tail over the remainders, then the lanes summed in order.
 #[inline(always)]
 fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let madd = |x: f32, y: f32, acc: f32| {
@@ -424,11 +428,13 @@ fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
             acc + x * y
         }
     };
-    let mut sums = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut sums = [0.0f32; DOT_LANES];
+    let mut ca = a.chunks_exact(DOT_LANES);
+    let mut cb = b.chunks_exact(DOT_LANES);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
+        for i in 0..DOT_LANES {
             sums[i] = madd(x[i], y[i], sums[i]);
         }
     }
@@ -439,26 +445,31 @@ fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + tail
 }
 
-/// [`dot_lanes::<true>`] in AVX2, operation for operation (vector lane `i` is `sums[i]`), so
-/// the result is bit-identical; the compiler turns the array of `mul_add`s into scalar and
-/// 2-wide code.
+/// [`dot_lanes::<true>`] in AVX2, operation for operation (lane `j` of vector `v` is
+/// `sums[8v + j]`), so the result is bit-identical; the compiler turns the array of
+/// `mul_add`s into scalar and 2-wide code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let chunks = (a.len() / 8).min(b.len() / 8);
+    let n = a.len().min(b.len());
+    let chunks = n / DOT_LANES;
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); DOT_LANES / 8];
     for k in 0..chunks {
-        let i = 8 * k;
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
+        for (v, acc) in acc.iter_mut().enumerate() {
+            let i = DOT_LANES * k + 8 * v;
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), *acc);
+        }
     }
-    let mut sums = [0.0f32; 8];
-    _mm256_storeu_ps(sums.as_mut_ptr(), acc);
+    let mut sums = [0.0f32; DOT_LANES];
+    for (v, acc) in acc.iter().enumerate() {
+        _mm256_storeu_ps(sums.as_mut_ptr().add(8 * v), *acc);
+    }
     let mut tail = 0.0f32;
-    let (ra, rb) = (&a[a.len() / 8 * 8..], &b[b.len() / 8 * 8..]);
-    for (x, y) in ra.iter().zip(rb) {
+    let whole = chunks * DOT_LANES;
+    for (x, y) in a[whole..n].iter().zip(&b[whole..n]) {
         tail = x.mul_add(*y, tail);
     }
     sums.iter().sum::<f32>() + tail
@@ -507,9 +518,8 @@ impl SoftmaxPart {
 mod tests {
     use super::*;
 
-    /// The AVX2 dot product equals its definition bit for bit, for every length around the
-    /// chunk size and for operands of unequal length (chunks and tails pair up as the
-    /// definition pairs them).
+    /// The AVX2 dot product equals its definition bit for bit, for every length up to three
+    /// chunks and for operands of unequal length (both run over the shorter one's length).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn dot_fma_equals_dot_lanes_bit_for_bit() {
@@ -524,15 +534,20 @@ mod tests {
             state ^= state << 17;
             ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
         };
-        let a: Vec<f32> = (0..80).map(|_| next()).collect();
-        let b: Vec<f32> = (0..80).map(|_| next()).collect();
-        for la in 0..=40usize {
+        let a: Vec<f32> = (0..140).map(|_| next()).collect();
+        let b: Vec<f32> = (0..140).map(|_| next()).collect();
+        for la in 0..=100usize {
             for lb in [la, la + 1, la + 7, la + 8, la.saturating_sub(3)] {
                 let (x, y) = (&a[..la], &b[..lb]);
                 let want = dot_lanes::<true>(x, y);
                 // SAFETY: AVX2 and FMA were detected.
                 let got = unsafe { dot_fma(x, y) };
                 assert_eq!(want.to_bits(), got.to_bits(), "lengths {la} and {lb}");
+                let exact: f64 = x.iter().zip(y).map(|(&p, &q)| p as f64 * q as f64).sum();
+                assert!(
+                    (want as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()),
+                    "{la} {lb}"
+                );
             }
         }
     }
