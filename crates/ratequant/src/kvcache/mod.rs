@@ -1081,7 +1081,7 @@ fn packed_values<const F16C: bool>(
         for r in 0..rows {
             let p = &probs[r * len..r * len + n];
             ps.extend(p.iter().zip(s.iter()).map(|(&pp, &sc)| pp * sc));
-            let zero_part = attention::dot_with::<F16C>(p, z);
+            let zero_part = attention::dot_long::<F16C>(p, z);
             for x in &mut acc[r * d + c0..r * d + c1] {
                 *x += zero_part;
             }

@@ -413,12 +413,8 @@ pub fn dot_with<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes::<FUSED>(a, b)
 }
 
-/// Partial sums of [`dot_lanes`]: four AVX2 vectors, so that four independent FMA chains
-/// hide the FMA latency on long inputs (the per-group zero-point sums run over whole tasks).
-const DOT_LANES: usize = 32;
-
-/// The definition of [`dot_with`]: [`DOT_LANES`] partial sums over whole chunks of that many
-/// elements, a tail over the remainders, then the lanes summed in order.
+/// The definition of [`dot_with`]: eight partial sums over whole chunks of eight, a tail over
+/// the remainders, then the lanes summed in order.
 #[inline(always)]
 fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let madd = |x: f32, y: f32, acc: f32| {
@@ -428,13 +424,11 @@ fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
             acc + x * y
         }
     };
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut sums = [0.0f32; DOT_LANES];
-    let mut ca = a.chunks_exact(DOT_LANES);
-    let mut cb = b.chunks_exact(DOT_LANES);
+    let mut sums = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..DOT_LANES {
+        for i in 0..8 {
             sums[i] = madd(x[i], y[i], sums[i]);
         }
     }
@@ -445,34 +439,116 @@ fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + tail
 }
 
-/// [`dot_lanes::<true>`] in AVX2, operation for operation (lane `j` of vector `v` is
-/// `sums[8v + j]`), so the result is bit-identical; the compiler turns the array of
-/// `mul_add`s into scalar and 2-wide code.
+/// [`dot_lanes::<true>`] in AVX2, operation for operation (vector lane `i` is `sums[i]`), so
+/// the result is bit-identical; the compiler turns the array of `mul_add`s into scalar and
+/// 2-wide code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let chunks = n / DOT_LANES;
+    let chunks = (a.len() / 8).min(b.len() / 8);
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); DOT_LANES / 8];
+    let mut acc = _mm256_setzero_ps();
     for k in 0..chunks {
-        for (v, acc) in acc.iter_mut().enumerate() {
-            let i = DOT_LANES * k + 8 * v;
-            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), *acc);
-        }
+        let i = 8 * k;
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
     }
-    let mut sums = [0.0f32; DOT_LANES];
-    for (v, acc) in acc.iter().enumerate() {
-        _mm256_storeu_ps(sums.as_mut_ptr().add(8 * v), *acc);
-    }
+    let mut sums = [0.0f32; 8];
+    _mm256_storeu_ps(sums.as_mut_ptr(), acc);
     let mut tail = 0.0f32;
-    let whole = chunks * DOT_LANES;
-    for (x, y) in a[whole..n].iter().zip(&b[whole..n]) {
+    let (ra, rb) = (&a[a.len() / 8 * 8..], &b[b.len() / 8 * 8..]);
+    for (x, y) in ra.iter().zip(rb) {
         tail = x.mul_add(*y, tail);
     }
     sums.iter().sum::<f32>() + tail
+}
+
+/// `Σ_i a[i]·b[i]` over long inputs (the zero-point sums over a task's tokens): as
+/// [`dot_with`], but with [`LONG_LANES`] partial sums, so that the AVX2 version runs four
+/// independent FMA chains instead of one latency-bound chain, and the partial sums added
+/// pairwise (a tree that vectorises) rather than in order.
+#[inline(always)]
+pub fn dot_long<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if FUSED && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { dot_long_fma(a, b) };
+    }
+    dot_long_lanes::<FUSED>(a, b)
+}
+
+/// Partial sums of [`dot_long`]: four AVX2 vectors.
+const LONG_LANES: usize = 32;
+
+/// Adds the upper half of `sums[..n]` onto the lower until one sum is left.
+#[inline(always)]
+fn tree_sum(sums: &mut [f32; LONG_LANES]) -> f32 {
+    let mut n = LONG_LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            sums[i] += sums[i + n];
+        }
+    }
+    sums[0]
+}
+
+/// The definition of [`dot_long`]: [`LONG_LANES`] partial sums over whole chunks of that many
+/// elements (both inputs cut to the shorter), added by [`tree_sum`], then a tail in order.
+#[inline(always)]
+fn dot_long_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let madd = |x: f32, y: f32, acc: f32| {
+        if FUSED {
+            x.mul_add(y, acc)
+        } else {
+            acc + x * y
+        }
+    };
+    let n = a.len().min(b.len());
+    let whole = n / LONG_LANES * LONG_LANES;
+    let mut sums = [0.0f32; LONG_LANES];
+    for (x, y) in a[..whole]
+        .chunks_exact(LONG_LANES)
+        .zip(b[..whole].chunks_exact(LONG_LANES))
+    {
+        for i in 0..LONG_LANES {
+            sums[i] = madd(x[i], y[i], sums[i]);
+        }
+    }
+    let mut total = tree_sum(&mut sums);
+    for (x, y) in a[whole..n].iter().zip(&b[whole..n]) {
+        total = madd(*x, *y, total);
+    }
+    total
+}
+
+/// [`dot_long_lanes::<true>`] in AVX2, operation for operation (lane `j` of vector `v` is
+/// `sums[8v + j]`), so the result is bit-identical.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_long_fma(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let whole = n / LONG_LANES * LONG_LANES;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); LONG_LANES / 8];
+    for k in (0..whole).step_by(LONG_LANES) {
+        for (v, acc) in acc.iter_mut().enumerate() {
+            let i = k + 8 * v;
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), *acc);
+        }
+    }
+    let mut sums = [0.0f32; LONG_LANES];
+    for (v, acc) in acc.iter().enumerate() {
+        _mm256_storeu_ps(sums.as_mut_ptr().add(8 * v), *acc);
+    }
+    let mut total = tree_sum(&mut sums);
+    for (x, y) in a[whole..n].iter().zip(&b[whole..n]) {
+        total = x.mul_add(*y, total);
+    }
+    total
 }
 
 /// `acc[c] += w·x[c]`.
@@ -518,8 +594,9 @@ impl SoftmaxPart {
 mod tests {
     use super::*;
 
-    /// The AVX2 dot product equals its definition bit for bit, for every length up to three
-    /// chunks and for operands of unequal length (both run over the shorter one's length).
+    /// The AVX2 dot product equals its definition bit for bit, for every length around the
+    /// chunk size and for operands of unequal length (chunks and tails pair up as the
+    /// definition pairs them).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn dot_fma_equals_dot_lanes_bit_for_bit() {
@@ -534,19 +611,52 @@ mod tests {
             state ^= state << 17;
             ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
         };
-        let a: Vec<f32> = (0..140).map(|_| next()).collect();
-        let b: Vec<f32> = (0..140).map(|_| next()).collect();
-        for la in 0..=100usize {
+        let a: Vec<f32> = (0..80).map(|_| next()).collect();
+        let b: Vec<f32> = (0..80).map(|_| next()).collect();
+        for la in 0..=40usize {
             for lb in [la, la + 1, la + 7, la + 8, la.saturating_sub(3)] {
                 let (x, y) = (&a[..la], &b[..lb]);
                 let want = dot_lanes::<true>(x, y);
                 // SAFETY: AVX2 and FMA were detected.
                 let got = unsafe { dot_fma(x, y) };
                 assert_eq!(want.to_bits(), got.to_bits(), "lengths {la} and {lb}");
+            }
+        }
+    }
+
+    /// The long dot product: AVX2 equals the definition bit for bit, and both are the sum.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn dot_long_fma_equals_its_definition() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("no AVX2/FMA: nothing to compare");
+            return;
+        }
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+        };
+        let a: Vec<f32> = (0..1200).map(|_| next()).collect();
+        let b: Vec<f32> = (0..1200).map(|_| next()).collect();
+        for la in (0..=100usize).chain([1023, 1024, 1025, 1100]) {
+            for lb in [la, la + 1, la + 33, la.saturating_sub(5)] {
+                let (x, y) = (&a[..la], &b[..lb]);
+                let want = dot_long_lanes::<true>(x, y);
+                // SAFETY: AVX2 and FMA were detected.
+                let got = unsafe { dot_long_fma(x, y) };
+                assert_eq!(want.to_bits(), got.to_bits(), "lengths {la} and {lb}");
                 let exact: f64 = x.iter().zip(y).map(|(&p, &q)| p as f64 * q as f64).sum();
+                let tol = 1e-5 * (1.0 + x.iter().map(|v| v.abs() as f64).sum::<f64>() * 4.0);
                 assert!(
-                    (want as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()),
-                    "{la} {lb}"
+                    (want as f64 - exact).abs() < tol,
+                    "{la} {lb}: {want} vs {exact}"
+                );
+                assert_eq!(
+                    dot_long::<false>(x, y).to_bits(),
+                    dot_long_lanes::<false>(x, y).to_bits()
                 );
             }
         }
