@@ -19,25 +19,13 @@
 
 use super::attention::int8;
 use super::store::{KeyStore, ValueStore};
-use super::{to_f32, QueryPrep};
+use super::{to_f32, GlueScratch, QueryPrep};
 
 /// Units of this many bits or more round their weights to two `i8` (`hi + lo/254`).
 pub const SPLIT_BITS: u8 = 4;
 
 /// The scale of the `lo` part relative to the `hi` part.
 const LO: f32 = 1.0 / 254.0;
-
-/// Buffers one thread reuses from task to task, so that a task allocates nothing.
-#[derive(Default)]
-pub(super) struct Scratch {
-    sums: Vec<i32>,
-    w8: Vec<i8>,
-    sigma: Vec<f32>,
-    bias: Vec<f32>,
-    lo_acc: Vec<f32>,
-    s: Vec<f32>,
-    z: Vec<f32>,
-}
 
 /// The first `n` elements of `v`, grown as needed. Not cleared: every caller writes each
 /// element it reads.
@@ -59,7 +47,7 @@ pub(super) fn key_scores<const F16C: bool>(
     e: usize,
     scores: &mut [f32],
     len: usize,
-    scratch: &mut Scratch,
+    scratch: &mut GlueScratch,
 ) {
     let core = &key.core;
     let (d, bits, rows) = (core.head_dim, core.bits, prep.rows);
@@ -68,6 +56,7 @@ pub(super) fn key_scores<const F16C: bool>(
     let block_bytes = key.block_bytes();
     let blocks = a / g_tokens..e.div_ceil(g_tokens);
     let nb = blocks.len();
+    let tiles = nb * block_tiles;
     // Rows `0..rows` hold `hi`, rows `rows..2·rows` `lo` when split.
     let split = bits >= SPLIT_BITS;
     let q_rows = if split { 2 * rows } else { rows };
@@ -76,7 +65,7 @@ pub(super) fn key_scores<const F16C: bool>(
     // at `skip + pos − a`.
     let n = nb * g_tokens;
     let skip = a - blocks.start * g_tokens;
-    let Scratch {
+    let GlueScratch {
         sums,
         w8,
         sigma,
@@ -111,7 +100,6 @@ pub(super) fn key_scores<const F16C: bool>(
             block_tiles,
             block_stride: q_rows * d,
         };
-        let tiles = nb * block_tiles;
         int8::key_dot(vnni, codes, tiles, d, bits, 0..d, weights, sums, n);
         // Block by block, so each inner loop is one scale and bias over contiguous sums.
         for j in 0..nb {
@@ -149,10 +137,9 @@ pub(super) fn key_scores<const F16C: bool>(
     }
     let group = core.layout.group;
     let groups = core.layout.channel_groups(d);
+    let weights = int8::KeyWeights::shared(q8, d, q_rows);
     for (g, c0) in (0..d).step_by(group).enumerate() {
         let c1 = (c0 + group).min(d);
-        let weights = int8::KeyWeights::shared(q8, d, q_rows);
-        let tiles = nb * block_tiles;
         int8::key_dot(vnni, codes, tiles, d, bits, c0..c1, weights, sums, n);
         to_f32::<F16C>(&core.scales[g][a..e], s);
         to_f32::<F16C>(&core.zeros[g][a..e], z);
@@ -191,7 +178,7 @@ pub(super) fn values<const F16C: bool>(
     e: usize,
     rows: usize,
     acc: &mut [f32],
-    scratch: &mut Scratch,
+    scratch: &mut GlueScratch,
 ) {
     const T: usize = int8::VALUE_TILE_TOKENS;
     let core = &value.core;
@@ -204,7 +191,7 @@ pub(super) fn values<const F16C: bool>(
     let w_rows = if split { 2 * rows } else { rows };
     let w8 = take(&mut scratch.w8, w_rows * nt * T);
     let sigma = take(&mut scratch.sigma, w_rows * nt);
-    let lo_acc = take(&mut scratch.lo_acc, if split { 2 * rows * d } else { 0 });
+    let lo_acc = take(&mut scratch.tmp, if split { 2 * rows * d } else { 0 });
     // Position `pos` sits at tile position `pos − tiles.start·T`; others weigh 0.
     let first = a - tiles.start * T;
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {

@@ -738,23 +738,30 @@ impl QueryPrep {
     }
 }
 
-/// Buffers a thread reuses from task to task.
+/// Buffers a thread reuses from task to task, so that a task allocates nothing.
 #[derive(Default)]
 struct TaskScratch {
     scores: Vec<f32>,
-    int8: int8_glue::Scratch,
-    float: FloatScratch,
+    glue: GlueScratch,
 }
 
-/// The float kernels' glue buffers (f32 scales and zero-points, folded weights, partial
-/// scores or probability-scale products).
+/// The glue's buffers, for the float and the integer kernels alike.
 #[derive(Default)]
-struct FloatScratch {
+struct GlueScratch {
+    /// Scales and zero-points widened to f32.
     s: Vec<f32>,
     z: Vec<f32>,
-    w: Vec<f32>,
+    /// Zero-point terms per (block, row), or per row.
     bias: Vec<f32>,
+    /// Float kernels: the query folded with a block's scales.
+    w: Vec<f32>,
+    /// Float kernels: partial scores, or probabilities times scales; integer kernels: the
+    /// accumulators of the split weights' two parts.
     tmp: Vec<f32>,
+    /// Integer kernels: the kernels' sums, the 8-bit weights and their scales.
+    sums: Vec<i32>,
+    w8: Vec<i8>,
+    sigma: Vec<f32>,
 }
 
 struct TaskOut {
@@ -839,7 +846,7 @@ fn run_task<const F16C: bool>(
             packed_end,
             scores,
             len,
-            &mut scratch.int8,
+            &mut scratch.glue,
         );
     } else if a < packed_end {
         packed_key_scores::<F16C>(
@@ -850,7 +857,7 @@ fn run_task<const F16C: bool>(
             packed_end,
             scores,
             len,
-            &mut scratch.float,
+            &mut scratch.glue,
         );
     }
     for pos in a.max(kq)..b {
@@ -882,7 +889,7 @@ fn run_task<const F16C: bool>(
             packed_end,
             rows,
             &mut acc_q,
-            &mut scratch.int8,
+            &mut scratch.glue,
         );
     } else if a < packed_end {
         packed_values::<F16C>(
@@ -894,7 +901,7 @@ fn run_task<const F16C: bool>(
             packed_end,
             rows,
             &mut acc_q,
-            &mut scratch.float,
+            &mut scratch.glue,
         );
     }
     for pos in a.max(vq)..b {
@@ -954,6 +961,7 @@ unsafe fn widen_f16c(src: &[f16], dst: &mut Vec<f32>) {
 
 /// Scores of positions `a..e` (all quantized) into `scores[r·len + pos − a0]`, where `a0 = a`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn packed_key_scores<const F16C: bool>(
     isa: Isa,
     key: &KeyStore,
@@ -962,14 +970,16 @@ fn packed_key_scores<const F16C: bool>(
     e: usize,
     scores: &mut [f32],
     len: usize,
-    scratch: &mut FloatScratch,
+    scratch: &mut GlueScratch,
 ) {
     let core = &key.core;
     let d = core.head_dim;
     let rows = prep.rows;
     let t_block = key.block_tokens;
     let block_bytes = key.block_bytes();
-    let FloatScratch { s, z, w, bias, tmp } = scratch;
+    let GlueScratch {
+        s, z, w, bias, tmp, ..
+    } = scratch;
     w.resize(rows * d, 0.0);
     bias.resize(rows, 0.0);
     let blocks = a / t_block..e.div_ceil(t_block);
@@ -1073,13 +1083,13 @@ fn packed_values<const F16C: bool>(
     e: usize,
     rows: usize,
     acc: &mut [f32],
-    scratch: &mut FloatScratch,
+    scratch: &mut GlueScratch,
 ) {
     let core = &value.core;
     let d = core.head_dim;
     let n = e - a;
     let codes = &core.codes[a * value.row_bytes..];
-    let FloatScratch { s, z, tmp: ps, .. } = scratch;
+    let GlueScratch { s, z, tmp: ps, .. } = scratch;
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
         let c1 = (c0 + core.layout.group).min(d);
         to_f32::<F16C>(&core.scales[g][a..e], s);
