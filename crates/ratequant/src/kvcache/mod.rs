@@ -587,8 +587,10 @@ impl PackedKvCache {
                 run_task::<false>(isa, vnni, view, prep, p, a, b, d, residual, scratch)
             })
             .collect();
-        // Merge each (KV head, query)'s blocks; tasks are in (h, i) order.
+        // Merge each (KV head, query)'s blocks (tasks are in (h, i) order): every block is
+        // brought to their common max at once, one exponential per block and row.
         let mut out = vec![0.0f32; heads * tokens * d];
+        let mut acc_q = vec![0.0f32; d];
         let mut at = 0;
         while at < parts.len() {
             let (h, i) = (tasks[at].0, tasks[at].1);
@@ -598,29 +600,27 @@ impl PackedKvCache {
             }
             let rotated = views[h].value.core.layout.rotated;
             for r in 0..rows {
-                let mut state = SoftmaxPart {
-                    max: f32::NEG_INFINITY,
-                    sum: 0.0,
-                };
-                let mut acc_q = vec![0.0f32; d];
-                let mut acc_fp = vec![0.0f32; d];
-                for part in &parts[at..end] {
-                    let (merged, fa, fb) = SoftmaxPart::merge(&state, &part.softmax[r]);
-                    for c in 0..d {
-                        acc_q[c] = acc_q[c] * fa + part.acc_q[r * d + c] * fb;
-                        acc_fp[c] = acc_fp[c] * fa + part.acc_fp[r * d + c] * fb;
-                    }
-                    state = merged;
+                let live = || parts[at..end].iter().filter(|p| p.softmax[r].sum != 0.0);
+                let max = live()
+                    .map(|p| p.softmax[r].max)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let head = h * rows + r;
+                let dst = &mut out[(head * tokens + i) * d..(head * tokens + i + 1) * d];
+                acc_q.fill(0.0);
+                let mut sum = 0.0;
+                for part in live() {
+                    let f = (part.softmax[r].max - max).exp();
+                    sum += part.softmax[r].sum * f;
+                    attention::axpy(f, &part.acc_q[r * d..(r + 1) * d], &mut acc_q);
+                    attention::axpy(f, &part.acc_fp[r * d..(r + 1) * d], dst);
                 }
                 if rotated {
                     hadamard::fwht_normalized(&mut acc_q)
                         .expect("quarot units have power-of-two head_dim");
                 }
-                let head = h * rows + r;
-                let dst = &mut out[(head * tokens + i) * d..(head * tokens + i + 1) * d];
-                let inv = 1.0 / state.sum;
-                for c in 0..d {
-                    dst[c] = (acc_q[c] + acc_fp[c]) * inv;
+                let inv = 1.0 / sum;
+                for (o, &x) in dst.iter_mut().zip(&acc_q) {
+                    *o = (*o + x) * inv;
                 }
             }
             at = end;
