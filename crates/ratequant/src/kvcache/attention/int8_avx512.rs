@@ -199,6 +199,12 @@ unsafe fn plane_dot_any<const R: usize>(
 /// For a plane of width `W` whose lines run along the reduction axis: per output lane,
 /// `Σ_{red ∈ red0..red1} weights[r·w_stride + red] · sub_code(lane, red)` for `r < R`.
 /// `red0`, `red1` are multiples of the line's `32/W` elements.
+///
+/// Sub-planes go in pairs: one shift brings sub-planes `2j` and `2j + 1` to the low `2W` bits
+/// of each byte; the first is masked to its `W` bits, the second masked in place (its codes
+/// times `2^W`, at most 240) into accumulators of their own, divided by `2^W` at the end,
+/// exactly. That halves the shifts, which compete with `vpdpbusd` for the same port; the two
+/// accumulator sets still halve the dependent chains.
 #[inline(always)]
 unsafe fn plane_dot<const R: usize, const W: usize>(
     panel: *const u8,
@@ -209,30 +215,41 @@ unsafe fn plane_dot<const R: usize, const W: usize>(
 ) -> [__m512i; R] {
     let per_line = 32 / W;
     let m = 8 / W;
-    let mask = _mm512_set1_epi8(((1u16 << W) - 1) as u8 as i8);
+    let code = ((1u16 << W) - 1) as u8;
+    let lo_mask = _mm512_set1_epi8(code as i8);
+    let hi_mask = _mm512_set1_epi8((code << (W % 8)) as i8);
     let mut acc = [[_mm512_setzero_si512(); R]; 2];
+    let dot = |acc: &mut [__m512i; R], x: __m512i, red: usize| {
+        for r in 0..R {
+            let four = (weights.add(r * w_stride + red) as *const i32).read_unaligned();
+            acc[r] = _mm512_dpbusd_epi32(acc[r], x, _mm512_set1_epi32(four));
+        }
+    };
     for line in red0 / per_line..red1 / per_line {
         let v = _mm512_loadu_si512(panel.add(line * 64) as *const _);
-        for k in 0..m {
-            let x = if W == 8 {
+        let red = line * per_line;
+        if W == 8 {
+            dot(&mut acc[line & 1], v, red);
+            continue;
+        }
+        for j in 0..m / 2 {
+            let y = if j == 0 {
                 v
-            } else if k == 0 {
-                _mm512_and_si512(v, mask)
             } else {
-                let count = _mm_cvtsi32_si128((k * W) as i32);
-                _mm512_and_si512(_mm512_srl_epi16(v, count), mask)
+                _mm512_srl_epi16(v, _mm_cvtsi32_si128((2 * j * W) as i32))
             };
-            let red = line * per_line + 4 * k;
-            let a = &mut acc[(line * m + k) & 1];
-            for r in 0..R {
-                let four = (weights.add(r * w_stride + red) as *const i32).read_unaligned();
-                a[r] = _mm512_dpbusd_epi32(a[r], x, _mm512_set1_epi32(four));
-            }
+            dot(&mut acc[0], _mm512_and_si512(y, lo_mask), red + 8 * j);
+            dot(&mut acc[1], _mm512_and_si512(y, hi_mask), red + 8 * j + 4);
         }
     }
     let mut out = [_mm512_setzero_si512(); R];
     for r in 0..R {
-        out[r] = _mm512_add_epi32(acc[0][r], acc[1][r]);
+        let hi = if W == 8 {
+            acc[1][r]
+        } else {
+            _mm512_sra_epi32(acc[1][r], _mm_cvtsi32_si128(W as i32))
+        };
+        out[r] = _mm512_add_epi32(acc[0][r], hi);
     }
     out
 }
