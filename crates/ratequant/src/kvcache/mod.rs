@@ -831,10 +831,13 @@ fn run_task<const F16C: bool>(
 ) -> TaskOut {
     let rows = prep.rows;
     let len = b - a;
-    let scores = &mut scratch.scores;
-    scores.clear();
-    scores.resize(rows * len, 0.0);
     let key = &view.key.core;
+    // Tiled per-channel keys write every score; the other paths add into zeroed scores.
+    let scores = &mut scratch.scores;
+    if !(view.key.tiled && key.layout.per_channel) {
+        scores.clear();
+    }
+    scores.resize(rows * len, 0.0);
     let kq = key.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(kq);
     if a < packed_end && view.key.tiled {

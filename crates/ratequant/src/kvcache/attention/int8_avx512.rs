@@ -171,8 +171,15 @@ unsafe fn value_rows<const R: usize>(
     }
 }
 
+/// `total += sums << off`; the first plane (`off` 0) needs no shift.
 #[inline(always)]
 unsafe fn add_shifted<const R: usize>(total: &mut [__m512i; R], sums: &[__m512i; R], off: u8) {
+    if off == 0 {
+        for r in 0..R {
+            total[r] = _mm512_add_epi32(total[r], sums[r]);
+        }
+        return;
+    }
     let count = _mm_cvtsi32_si128(off as i32);
     for r in 0..R {
         total[r] = _mm512_add_epi32(total[r], _mm512_sll_epi32(sums[r], count));
