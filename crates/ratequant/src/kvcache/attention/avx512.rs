@@ -66,11 +66,9 @@ impl Simd for Avx512 {
         for c in &EXP_POLY[1..] {
             poly = _mm512_fmadd_ps(poly, r, set(*c));
         }
-        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        _mm512_mul_ps(_mm512_castsi512_ps(pow2), poly)
+        // poly · 2^n in one instruction; n ∈ [−126, 127] after the clamp, so 2^n is a normal
+        // float and the product rounds exactly as the scalar `poly · pow2` does.
+        _mm512_scalef_ps(poly, n)
     }
 }
 
