@@ -140,18 +140,30 @@ pub struct AttentionParams {
     pub window: Option<usize>,
 }
 
-/// Unquantized rows of one unit visible to an attention call, positions `base..`: the f16
-/// residual widened to f32 once per call (cheap next to the quantized part, and it keeps the
-/// kernels' inner loops on f32).
-struct FpRows {
-    base: usize,
-    rows: Vec<f32>,
+/// Unquantized rows of one unit visible to an attention call, positions `base..`: the
+/// residual's f16 rows as stored (a decode step widens the few it reads inside its tasks), or
+/// a prefill block's rows, already widened when they were appended.
+enum FpRows<'a> {
+    F16 { base: usize, rows: &'a [f16] },
+    F32 { base: usize, rows: Vec<f32> },
 }
 
-impl FpRows {
-    fn row(&self, pos: usize, d: usize) -> &[f32] {
-        let i = pos - self.base;
-        &self.rows[i * d..(i + 1) * d]
+impl FpRows<'_> {
+    /// Row `pos` in f32; f16 rows are widened into `buf`.
+    #[inline(always)]
+    fn row<'b, const F16C: bool>(
+        &'b self,
+        pos: usize,
+        d: usize,
+        buf: &'b mut Vec<f32>,
+    ) -> &'b [f32] {
+        match self {
+            FpRows::F32 { base, rows } => &rows[(pos - base) * d..(pos - base + 1) * d],
+            FpRows::F16 { base, rows } => {
+                to_f32::<F16C>(&rows[(pos - base) * d..(pos - base + 1) * d], buf);
+                buf
+            }
+        }
     }
 }
 
@@ -459,13 +471,13 @@ impl PackedKvCache {
             .map(|(key, value)| HeadView {
                 key,
                 value,
-                k_fp: FpRows {
+                k_fp: FpRows::F16 {
                     base: key.core.quantized,
-                    rows: residual_f32(&key.core),
+                    rows: key.core.residual.live(self.shape.head_dim),
                 },
-                v_fp: FpRows {
+                v_fp: FpRows::F16 {
                     base: value.core.quantized,
-                    rows: residual_f32(&value.core),
+                    rows: value.core.residual.live(self.shape.head_dim),
                 },
             })
             .collect()
@@ -482,7 +494,7 @@ impl PackedKvCache {
         v: &[f32],
         tokens: usize,
         keep_scratch: bool,
-    ) -> Result<Option<Vec<(FpRows, FpRows)>>> {
+    ) -> Result<Option<Vec<(FpRows<'static>, FpRows<'static>)>>> {
         let d = self.shape.head_dim;
         let kv_heads = self.shape.kv_heads;
         let residual = self.residual;
@@ -613,7 +625,9 @@ impl PackedKvCache {
                     let f = (part.softmax[r].max - max).exp();
                     sum += part.softmax[r].sum * f;
                     attention::axpy(f, &part.acc_q[r * d..(r + 1) * d], &mut acc_q);
-                    attention::axpy(f, &part.acc_fp[r * d..(r + 1) * d], dst);
+                    if !part.acc_fp.is_empty() {
+                        attention::axpy(f, &part.acc_fp[r * d..(r + 1) * d], dst);
+                    }
                 }
                 if rotated {
                     hadamard::fwht_normalized(&mut acc_q)
@@ -720,8 +734,8 @@ impl Drop for Leave<'_> {
 struct HeadView<'a> {
     key: &'a KeyStore,
     value: &'a ValueStore,
-    k_fp: FpRows,
-    v_fp: FpRows,
+    k_fp: FpRows<'a>,
+    v_fp: FpRows<'a>,
 }
 
 /// A unit's live residual rows widened to f32.
@@ -739,7 +753,7 @@ fn append_rows<S: Store>(
     old_len: usize,
     residual: usize,
     keep_scratch: bool,
-) -> Result<Option<FpRows>> {
+) -> Result<Option<FpRows<'static>>> {
     let d = store.core().head_dim;
     let old_q = store.core().quantized;
     let new_q = store
@@ -760,7 +774,7 @@ fn append_rows<S: Store>(
         core.residual.clear();
         // Already f16 values: this push is exact.
         core.residual.push(&scratch[leaving * d..]);
-        Ok(Some(FpRows {
+        Ok(Some(FpRows::F32 {
             base: old_q,
             rows: scratch,
         }))
@@ -829,6 +843,8 @@ impl QueryPrep {
 #[derive(Default)]
 struct TaskScratch {
     scores: Vec<f32>,
+    /// A residual row widened to f32.
+    row: Vec<f32>,
     glue: GlueScratch,
 }
 
@@ -853,7 +869,9 @@ struct GlueScratch {
 
 struct TaskOut {
     softmax: Vec<SoftmaxPart>,
+    /// `rows × head_dim` sums of probabilities times values.
     acc_q: Vec<f32>,
+    /// The unquantized rows' part when `acc_q` is in the rotated domain, else empty.
     acc_fp: Vec<f32>,
 }
 
@@ -898,8 +916,8 @@ fn run_task_avx512(
 }
 
 /// Attention of one (KV head, query at position `p`) over positions `a..b`: scores, the
-/// block's softmax, and the value accumulation (packed part in `acc_q`, which is in the
-/// rotated domain for QuaRot values; full-precision part in `acc_fp`). `F16C`: the caller
+/// block's softmax, and the value accumulation (in `acc_q`, except that for QuaRot values,
+/// whose packed part is in the rotated domain, the unquantized rows go to `acc_fp`). `F16C`: the caller
 /// runs with AVX2, FMA and F16C enabled, so the glue may use them. Tiled stores run the
 /// integer kernels (on VNNI when `vnni`).
 #[inline(always)]
@@ -920,7 +938,11 @@ fn run_task<const F16C: bool>(
     let len = b - a;
     let key = &view.key.core;
     // Tiled per-channel keys write every score; the other paths add into zeroed scores.
-    let scores = &mut scratch.scores;
+    let TaskScratch {
+        scores,
+        row: row_buf,
+        glue,
+    } = scratch;
     if !(view.key.tiled && key.layout.per_channel) {
         scores.clear();
     }
@@ -928,30 +950,12 @@ fn run_task<const F16C: bool>(
     let kq = key.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(kq);
     if a < packed_end && view.key.tiled {
-        int8_glue::key_scores::<F16C>(
-            vnni,
-            view.key,
-            prep,
-            a,
-            packed_end,
-            scores,
-            len,
-            &mut scratch.glue,
-        );
+        int8_glue::key_scores::<F16C>(vnni, view.key, prep, a, packed_end, scores, len, glue);
     } else if a < packed_end {
-        packed_key_scores::<F16C>(
-            isa,
-            view.key,
-            prep,
-            a,
-            packed_end,
-            scores,
-            len,
-            &mut scratch.glue,
-        );
+        packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, scores, len, glue);
     }
     for pos in a.max(kq)..b {
-        let row = view.k_fp.row(pos, d);
+        let row = view.k_fp.row::<F16C>(pos, d, row_buf);
         for r in 0..rows {
             scores[r * len + pos - a] =
                 attention::dot_with::<F16C>(&prep.q[r * d..(r + 1) * d], row);
@@ -965,43 +969,33 @@ fn run_task<const F16C: bool>(
         })
         .collect();
     let mut acc_q = vec![0.0f32; rows * d];
-    let mut acc_fp = vec![0.0f32; rows * d];
     let value = &view.value.core;
     let vq = value.layout.quantized_len(p + 1, residual);
+    // Unquantized rows add straight into `acc_q` unless it is in the rotated (QuaRot) domain.
+    let mut acc_fp = if value.layout.rotated && a.max(vq) < b {
+        vec![0.0f32; rows * d]
+    } else {
+        Vec::new()
+    };
     let packed_end = b.min(vq);
     if a < packed_end && view.value.tiled {
         int8_glue::values::<F16C>(
-            vnni,
-            view.value,
-            scores,
-            len,
-            a,
-            packed_end,
-            rows,
-            &mut acc_q,
-            &mut scratch.glue,
+            vnni, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue,
         );
     } else if a < packed_end {
         packed_values::<F16C>(
-            isa,
-            view.value,
-            scores,
-            len,
-            a,
-            packed_end,
-            rows,
-            &mut acc_q,
-            &mut scratch.glue,
+            isa, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue,
         );
     }
+    let acc = if acc_fp.is_empty() {
+        &mut acc_q
+    } else {
+        &mut acc_fp
+    };
     for pos in a.max(vq)..b {
-        let row = view.v_fp.row(pos, d);
+        let row = view.v_fp.row::<F16C>(pos, d, row_buf);
         for r in 0..rows {
-            attention::axpy(
-                scores[r * len + pos - a],
-                row,
-                &mut acc_fp[r * d..(r + 1) * d],
-            );
+            attention::axpy(scores[r * len + pos - a], row, &mut acc[r * d..(r + 1) * d]);
         }
     }
     TaskOut {

@@ -113,6 +113,11 @@ impl Residual {
         self.rows[at..].convert_from_f32_slice(rows);
     }
 
+    /// The live rows, oldest first.
+    pub fn live(&self, head_dim: usize) -> &[f16] {
+        &self.rows[self.dead * head_dim..]
+    }
+
     /// The live rows of `tokens` (indices relative to the oldest live row) widened to f32.
     pub fn to_f32(&self, tokens: Range<usize>, head_dim: usize) -> Vec<f32> {
         let live = &self.rows[self.dead * head_dim..];
