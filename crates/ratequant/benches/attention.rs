@@ -3,19 +3,23 @@
 //! bits, at 1K, 4K, 16K and 64K tokens, SmolLM2's geometry (9 query heads, 3 KV heads,
 //! head_dim 64), KIVI (G = 32, residual 128).
 //!
-//! Every timed step starts cold, as in a real decode: a 32 MiB read on the pool's threads
-//! (untimed) first pushes the layer's cache out of the cores' L2, where the 29 other layers
-//! and the weights would have pushed it. Back-to-back ("warm") steps flatter small caches: a
-//! 16K packed layer (2-3 MB) fits the two cores' 4 MiB of L2, the f16 layer (12.6 MB) does not.
+//! A real decode visits a layer's cache once per token, after the 29 other layers' caches and
+//! the weights (hundreds of MB) streamed through: the step's bytes come from memory. The
+//! summary's "cold" steps are timed that way, each after an untimed read of 1.5× the
+//! last-level cache on the pool's threads; its "warm" steps run back to back over the same
+//! cache, which flatters small caches (a 16K packed layer of 2-3 MB fits the two cores' L2).
+//! Criterion's own report times steps that start out of L2 only (a 32 MiB read per
+//! iteration: cheap enough for its many iterations; `RATEQUANT_BENCH_WARM=1` for back-to-back
+//! steps), for comparing builds.
 //!
-//! Besides criterion's own report (cold steps; `RATEQUANT_BENCH_WARM=1` for back-to-back),
-//! prints a summary measured in the same run: median cold and warm time per step, speed-ups
-//! over the f16 cache, CPU time, the bytes each cache must read, this machine's read bandwidth
+//! The summary, measured in the same run: median cold and warm time per step, speed-ups over
+//! the f16 cache, CPU time, the bytes each cache must read, this machine's read bandwidth
 //! (summing a 256 MiB buffer on the same threads) and the time those bytes take at that
-//! bandwidth (the bound), as a fraction of the measured time. Beside it the compute bound: the
-//! step's multiply-adds (`2 · heads · tokens · head_dim`, the same for every cache) at this
-//! machine's measured peak rate of f32 FMAs on the same threads, at the vector width the
-//! kernels use (16 lanes with AVX-512).
+//! bandwidth (the bound), as a fraction of the measured time (the cold step is the fair
+//! comparison). Beside it the compute bound: the step's multiply-adds
+//! (`2 · heads · tokens · head_dim`, the same for every cache) at this machine's measured peak
+//! rate of f32 FMAs on the same threads, at the vector width the kernels use (16 lanes with
+//! AVX-512).
 //!
 //! `RATEQUANT_BENCH_CONTEXTS=1024,16384` limits the contexts;
 //! `RATEQUANT_BENCH_QUANTIZER=kivi:g=128` changes the design;
@@ -287,14 +291,35 @@ fn median_time(before: impl Fn(), f: impl Fn()) -> Duration {
     times[times.len() / 2]
 }
 
-/// Reads `buf` (several times the cores' L2 caches together) on the pool's threads, so that
-/// the next step finds its layer's cache where a real decode step does: out of the cores'
-/// private caches, since the 29 other layers and the weights ran in between. Read-only, as
-/// that traffic mostly is (no dirty lines to write back).
+/// Reads `buf` on the pool's threads (read-only, as a decode step's other traffic mostly
+/// is: no dirty lines to write back), pushing what was cached before out of the caches that
+/// `buf` outsizes.
 fn evict(buf: &[u8]) -> u64 {
     buf.par_chunks(1 << 20)
         .map(|c| c.iter().step_by(64).map(|&x| x as u64).sum::<u64>())
         .sum()
+}
+
+/// Bytes to read to push a layer out of every cache level: 1.5× the last-level cache as
+/// sysfs reports it (256 MiB where it doesn't), at most 2 GiB.
+fn dram_evict_bytes() -> usize {
+    let llc = (0..8)
+        .filter_map(|i| {
+            let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+            let size = std::fs::read_to_string(format!("{dir}/size")).ok()?;
+            let size = size.trim();
+            let (num, mul) = match size.strip_suffix('K') {
+                Some(n) => (n, 1 << 10),
+                None => match size.strip_suffix('M') {
+                    Some(n) => (n, 1 << 20),
+                    None => (size, 1),
+                },
+            };
+            num.parse::<usize>().ok().map(|n| n * mul)
+        })
+        .max()
+        .unwrap_or(256 << 20);
+    (llc + llc / 2).clamp(64 << 20, 2 << 30)
 }
 
 fn load_average() -> String {
@@ -312,7 +337,11 @@ fn decode_attention(c: &mut Criterion) {
     let bandwidth = read_bandwidth();
     let macs_per_second = fma_rate();
     let mut summary = Vec::new();
-    let evictor: Vec<u8> = (0..32usize << 20).map(|i| i as u8).collect();
+    // Criterion's steps start out of L2 (cheap enough per iteration); the summary's cold
+    // steps start out of every cache level, as in a real decode, where the other layers'
+    // caches and the weights (hundreds of MB) stream through between two visits of a layer.
+    let l2_evictor: Vec<u8> = (0..32usize << 20).map(|i| i as u8).collect();
+    let dram_evictor: Vec<u8> = (0..dram_evict_bytes()).map(|i| i as u8).collect();
     let warm_only = std::env::var("RATEQUANT_BENCH_WARM").is_ok();
     let mut group = c.benchmark_group("decode_attention");
     for tokens in contexts() {
@@ -323,7 +352,7 @@ fn decode_attention(c: &mut Criterion) {
                     b.iter(|| black_box(cache.step(&q, &params)))
                 } else {
                     b.iter_batched(
-                        || black_box(evict(&evictor)),
+                        || black_box(evict(&l2_evictor)),
                         |_| black_box(cache.step(&q, &params)),
                         criterion::BatchSize::PerIteration,
                     )
@@ -343,7 +372,7 @@ fn decode_attention(c: &mut Criterion) {
             };
             let cold = median_time(
                 || {
-                    black_box(evict(&evictor));
+                    black_box(evict(&dram_evictor));
                 },
                 step,
             );
@@ -366,9 +395,8 @@ fn decode_attention(c: &mut Criterion) {
         bandwidth / 1e9,
         macs_per_second / 1e9
     );
-    println!("(cold: median wall time of a step that finds the layer's cache out of the cores' private caches,");
-    println!(" as in a real decode (the other layers run in between); warm: back-to-back steps over the same");
-    println!(" cache, which a 16K packed layer (2-3 MB) can serve from L2; cpu: CPU time of all threads per");
+    println!("(cold: median wall time of a step whose cache was pushed out of every cache level first, as");
+    println!(" in a real decode; warm: back-to-back steps over the same cache; cpu: CPU time of all threads per");
     println!(" warm step, less sensitive to other load; bound: bytes read / measured bandwidth; bound/time:");
     println!(
         " how close a step is to that bound (the cold one is the fair comparison); fma bound: the"
