@@ -273,13 +273,13 @@ fn cpu_time_per_call(f: impl Fn()) -> Option<Duration> {
     Some(Duration::from_nanos((cpu1 - cpu0) / calls))
 }
 
-/// Median wall time of `f` over 21 calls, each after an untimed `before`.
+/// Median wall time of `f` over 41 calls, each after an untimed `before`.
 fn median_time(before: impl Fn(), f: impl Fn()) -> Duration {
     for _ in 0..3 {
         before();
         f();
     }
-    let mut times: Vec<Duration> = (0..21)
+    let mut times: Vec<Duration> = (0..41)
         .map(|_| {
             before();
             let start = Instant::now();

@@ -13,6 +13,7 @@ use std::ops::Range;
 use super::int8::{
     key_tile_bytes, planes, value_tile_bytes, KeyWeights, KEY_TILE_TOKENS, VALUE_TILE_TOKENS,
 };
+use super::prefetch_ahead;
 
 macro_rules! by_rows {
     ($rows:expr, $f:ident, $($arg:expr),*) => {
@@ -76,6 +77,7 @@ unsafe fn key_dot_rows<const R: usize>(
     let tile_bytes = key_tile_bytes(d, bits);
     for tile in 0..tiles {
         let base = codes.add(tile * tile_bytes);
+        prefetch_ahead(base, tile_bytes);
         let q = w.q.as_ptr().add(w.at(tile));
         let mut total = [_mm512_setzero_si512(); R];
         for (pw, off) in planes(bits) {
@@ -154,6 +156,8 @@ unsafe fn value_rows<const R: usize>(
         for (r, x) in s.iter_mut().enumerate() {
             *x = _mm512_set1_ps(*scale.add(r * scale_stride + tile));
         }
+        let first = codes.add(tile * tile_bytes + 64 * (c0 / 16) * bits as usize);
+        prefetch_ahead(first, 64 * (c1 / 16 - c0 / 16) * bits as usize);
         for lane_group in c0 / 16..c1 / 16 {
             let base = codes.add(tile * tile_bytes + 64 * lane_group * bits as usize);
             let mut total = [_mm512_setzero_si512(); R];
@@ -339,6 +343,8 @@ pub(super) unsafe fn key_block_weights(
             let (blk, r) = ((i0 + jj) / rows, (i0 + jj) % rows);
             if blk != widened {
                 let (sp, zp) = (s.as_ptr().add(blk * d), z.as_ptr().add(blk * d));
+                prefetch_ahead(sp as *const u8, 2 * d);
+                prefetch_ahead(zp as *const u8, 2 * d);
                 for j in 0..chunks {
                     sv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(16 * j) as *const _));
                     zv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(zp.add(16 * j) as *const _));
@@ -497,6 +503,9 @@ pub(super) unsafe fn value_weights(
         let count = per.min(nt - j0);
         for jj in 0..count {
             let j = j0 + jj;
+            let tile_at = (j * T) as isize - first as isize;
+            prefetch_ahead(sp.wrapping_offset(tile_at) as *const u8, 2 * T);
+            prefetch_ahead(zp.wrapping_offset(tile_at) as *const u8, 2 * T);
             for half in 0..2 {
                 // Token index of lane 0 (may be "negative": lanes below `first` are masked
                 // off); lane t is kept if 0 ≤ base + t < n.

@@ -135,6 +135,8 @@ unsafe fn key_pass<S: Simd, U: Unpack<S>, const R: usize, const NC: usize>(
     let mut acc = [[S::zero(); NC]; R];
     let mut p = codes.add(c0 * slot_bytes + t0 * b / 8);
     for c in c0..c1 {
+        // Each channel is its own stream: one look-ahead line per channel and pass.
+        super::prefetch_ahead(p, 1);
         let mut wr = [S::zero(); R];
         for (r, x) in wr.iter_mut().enumerate() {
             *x = S::splat(w.add(r * w_stride + c));
@@ -243,6 +245,9 @@ unsafe fn value_pass<S: Simd, U: Unpack<S>, const R: usize, const NC: usize>(
     let mut acc = [[S::zero(); NC]; R];
     let mut p = codes.add(ch * b / 8);
     for t in 0..tokens {
+        if (t * row_bytes) % 64 < row_bytes {
+            super::prefetch_ahead(p, NC * chunk_bytes);
+        }
         let mut v = [S::zero(); NC];
         for (k, vk) in v.iter_mut().enumerate() {
             *vk = unpack.load(p.add(k * chunk_bytes));
