@@ -141,7 +141,7 @@ impl<T: DenseElement> DenseLayerCache<T> {
             let _ = avx2;
             self.task(Isa::Scalar, h, qh, rows, a, b)
         });
-        let mut out = vec![0.0f32; heads * d];
+        let (mut out, mut factors) = (vec![0.0f32; heads * d], Vec::new());
         for h in 0..self.kv_heads {
             let mine: Vec<_> = tasks
                 .iter()
@@ -150,19 +150,14 @@ impl<T: DenseElement> DenseLayerCache<T> {
                 .map(|(_, p)| p)
                 .collect();
             for r in 0..rows {
-                let mut state = SoftmaxPart {
-                    max: f32::NEG_INFINITY,
-                    sum: 0.0,
-                };
+                let sum = attention::merge_factors(mine.iter().map(|p| &p.0[r]), &mut factors);
                 let dst = &mut out[(h * rows + r) * d..(h * rows + r + 1) * d];
-                for (softmax, acc) in &mine {
-                    let (merged, fa, fb) = SoftmaxPart::merge(&state, &softmax[r]);
-                    for (o, x) in dst.iter_mut().zip(&acc[r * d..(r + 1) * d]) {
-                        *o = *o * fa + x * fb;
+                for ((_, acc), &f) in mine.iter().zip(&factors) {
+                    if f != 0.0 {
+                        attention::axpy(f, &acc[r * d..(r + 1) * d], dst);
                     }
-                    state = merged;
                 }
-                let inv = 1.0 / state.sum;
+                let inv = 1.0 / sum;
                 dst.iter_mut().for_each(|o| *o *= inv);
             }
         }

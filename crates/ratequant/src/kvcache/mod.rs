@@ -603,7 +603,7 @@ impl PackedKvCache {
         // Merge each (KV head, query)'s blocks (tasks are in (h, i) order): every block is
         // brought to their common max at once, one exponential per block and row.
         let mut out = vec![0.0f32; heads * tokens * d];
-        let mut acc_q = vec![0.0f32; d];
+        let (mut acc_q, mut factors) = (vec![0.0f32; d], Vec::new());
         let mut at = 0;
         while at < parts.len() {
             let (h, i) = (tasks[at].0, tasks[at].1);
@@ -613,17 +613,17 @@ impl PackedKvCache {
             }
             let rotated = views[h].value.core.layout.rotated;
             for r in 0..rows {
-                let live = || parts[at..end].iter().filter(|p| p.softmax[r].sum != 0.0);
-                let max = live()
-                    .map(|p| p.softmax[r].max)
-                    .fold(f32::NEG_INFINITY, f32::max);
+                let sum = attention::merge_factors(
+                    parts[at..end].iter().map(|p| &p.softmax[r]),
+                    &mut factors,
+                );
                 let head = h * rows + r;
                 let dst = &mut out[(head * tokens + i) * d..(head * tokens + i + 1) * d];
                 acc_q.fill(0.0);
-                let mut sum = 0.0;
-                for part in live() {
-                    let f = (part.softmax[r].max - max).exp();
-                    sum += part.softmax[r].sum * f;
+                for (part, &f) in parts[at..end].iter().zip(&factors) {
+                    if f == 0.0 {
+                        continue;
+                    }
                     attention::axpy(f, &part.acc_q[r * d..(r + 1) * d], &mut acc_q);
                     if !part.acc_fp.is_empty() {
                         attention::axpy(f, &part.acc_fp[r * d..(r + 1) * d], dst);

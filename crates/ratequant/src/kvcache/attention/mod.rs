@@ -366,7 +366,7 @@ pub(super) const EXP_POLY: [f32; 7] = [
 ];
 
 /// Replaces `scores` by `exp(score − max)` and returns `(max, Σ exp)`: one block's share of a
-/// softmax, merged with the other blocks' by [`SoftmaxPart::merge`]. Every path returns the
+/// softmax, merged with the other blocks' by [`merge_factors`]. Every path returns the
 /// same bits.
 pub fn softmax_block(isa: Isa, scores: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
@@ -594,27 +594,30 @@ pub struct SoftmaxPart {
     pub sum: f32,
 }
 
-impl SoftmaxPart {
-    /// Factors that bring two parts to a common max: `(common max, factor for a, factor for b)`.
-    pub fn merge(a: &SoftmaxPart, b: &SoftmaxPart) -> (SoftmaxPart, f32, f32) {
-        if a.sum == 0.0 {
-            return (b.clone(), 0.0, 1.0);
-        }
-        if b.sum == 0.0 {
-            return (a.clone(), 1.0, 0.0);
-        }
-        let max = a.max.max(b.max);
-        let fa = (a.max - max).exp();
-        let fb = (b.max - max).exp();
-        (
-            SoftmaxPart {
-                max,
-                sum: a.sum * fa + b.sum * fb,
-            },
-            fa,
-            fb,
-        )
+/// Merges one row's blocks: brings every block to their common max at once. Writes each
+/// block's factor `exp(max_b − max)` to `factors` (0 for a block without mass, which the
+/// callers skip) and returns the merged sum of exponentials.
+pub fn merge_factors<'a>(
+    parts: impl Iterator<Item = &'a SoftmaxPart> + Clone,
+    factors: &mut Vec<f32>,
+) -> f32 {
+    let max = parts
+        .clone()
+        .filter(|p| p.sum != 0.0)
+        .map(|p| p.max)
+        .fold(f32::NEG_INFINITY, f32::max);
+    factors.clear();
+    let mut sum = 0.0;
+    for p in parts {
+        let f = if p.sum == 0.0 {
+            0.0
+        } else {
+            (p.max - max).exp()
+        };
+        sum += p.sum * f;
+        factors.push(f);
     }
+    sum
 }
 
 #[cfg(test)]
