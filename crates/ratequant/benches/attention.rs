@@ -338,14 +338,19 @@ fn decode_attention(c: &mut Criterion) {
     let macs_per_second = fma_rate();
     let mut summary = Vec::new();
     // Criterion's steps start out of L2 (cheap enough per iteration); the summary's cold
-    // steps start out of every cache level, as in a real decode, where the other layers'
-    // caches and the weights (hundreds of MB) stream through between two visits of a layer.
+    // steps find their layer's bytes in memory only, as in a real decode, where the other
+    // layers' caches and the weights (hundreds of MB) stream through between two visits of a
+    // layer, but the attention code, its scratch and the threads are warm from the previous
+    // layer's step.
     let l2_evictor: Vec<u8> = (0..32usize << 20).map(|i| i as u8).collect();
     let dram_evictor: Vec<u8> = (0..dram_evict_bytes()).map(|i| i as u8).collect();
     let warm_only = std::env::var("RATEQUANT_BENCH_WARM").is_ok();
     let mut group = c.benchmark_group("decode_attention");
     for tokens in contexts() {
         let caches = build(tokens);
+        // The "previous layer": same kinds, few tokens, so that it warms the code, the
+        // threads' scratch and the pool without bringing much data back into the caches.
+        let previous = build(2048);
         for (name, cache) in &caches {
             group.bench_with_input(BenchmarkId::new(name, tokens), cache, |b, cache| {
                 if warm_only {
@@ -360,7 +365,7 @@ fn decode_attention(c: &mut Criterion) {
             });
         }
         let only = std::env::var("RATEQUANT_BENCH_CACHES").ok();
-        for (name, cache) in &caches {
+        for ((name, cache), (_, previous)) in caches.iter().zip(&previous) {
             if only
                 .as_ref()
                 .is_some_and(|o| !o.split(',').any(|x| x == name))
@@ -373,12 +378,28 @@ fn decode_attention(c: &mut Criterion) {
             let cold = median_time(
                 || {
                     black_box(evict(&dram_evictor));
+                    black_box(previous.step(&q, &params));
+                },
+                step,
+            );
+            // Stop 14's cold: nothing warm, not even the code.
+            let all_cold = median_time(
+                || {
+                    black_box(evict(&dram_evictor));
                 },
                 step,
             );
             let warm = median_time(|| {}, step);
             let cpu = cpu_time_per_call(step);
-            summary.push((tokens, name.clone(), cold, warm, cpu, cache.bytes()));
+            summary.push((
+                tokens,
+                name.clone(),
+                cold,
+                warm,
+                cpu,
+                cache.bytes(),
+                all_cold,
+            ));
         }
     }
     group.finish();
@@ -395,17 +416,18 @@ fn decode_attention(c: &mut Criterion) {
         bandwidth / 1e9,
         macs_per_second / 1e9
     );
-    println!("(cold: median wall time of a step whose cache was pushed out of every cache level first, as");
-    println!(" in a real decode; warm: back-to-back steps over the same cache; cpu: CPU time of all threads per");
-    println!(" warm step, less sensitive to other load; bound: bytes read / measured bandwidth; bound/time:");
+    println!("(cold: median wall time of a step whose layer was pushed out of every cache level first, then");
+    println!(" a step over another, 2K-token layer of the same kind: as in a real decode, the layer's bytes");
+    println!(" come from memory, the code, scratch and threads are warm; warm: back-to-back steps over the");
+    println!(" same cache; cpu: CPU time of all threads per warm step, less sensitive to other load; bound:");
+    println!(" bytes read / measured bandwidth; bound/time: how close a step is to that bound (the cold one");
+    println!(" is the fair comparison); fma bound: the step's 2·heads·tokens·head_dim multiply-adds at the");
     println!(
-        " how close a step is to that bound (the cold one is the fair comparison); fma bound: the"
+        " peak rate, against the cold step; all-cold: cold without the previous layer's step, code"
     );
+    println!(" and scratch out of cache too, as stop 14 measured cold)");
     println!(
-        " step's 2·heads·tokens·head_dim multiply-adds at the peak rate, against the cold step)"
-    );
-    println!(
-        "{:>7} {:>15} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10} {:>8} {:>10} {:>10} {:>7} {:>8}",
+        "{:>7} {:>15} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10} {:>8} {:>10} {:>10} {:>7} {:>8} {:>12}",
         "tokens",
         "cache",
         "cold µs",
@@ -419,10 +441,11 @@ fn decode_attention(c: &mut Criterion) {
         "bound/cold",
         "bound/warm",
         "fma µs",
-        "fma/cold"
+        "fma/cold",
+        "all-cold µs"
     );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    for &(tokens, ref name, cold, warm, cpu, bytes) in &summary {
+    for &(tokens, ref name, cold, warm, cpu, bytes, all_cold) in &summary {
         let Some(f16) = summary.iter().find(|s| s.0 == tokens && s.1 == "f16") else {
             continue;
         };
@@ -431,7 +454,7 @@ fn decode_attention(c: &mut Criterion) {
         let cpu_us = cpu.map_or(f64::NAN, us);
         let f16_cpu_us = f16.4.map_or(f64::NAN, us);
         println!(
-            "{:>7} {:>15} {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>10} {:>8.1} {:>9.0}% {:>9.0}% {:>7.1} {:>7.0}%",
+            "{:>7} {:>15} {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>10} {:>8.1} {:>9.0}% {:>9.0}% {:>7.1} {:>7.0}% {:>12.1}",
             tokens,
             name,
             us(cold),
@@ -445,7 +468,8 @@ fn decode_attention(c: &mut Criterion) {
             100.0 * bound / us(cold),
             100.0 * bound / us(warm),
             fma_bound,
-            100.0 * fma_bound / us(cold)
+            100.0 * fma_bound / us(cold),
+            us(all_cold)
         );
     }
 }
