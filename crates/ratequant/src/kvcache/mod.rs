@@ -650,7 +650,15 @@ thread_local! {
 }
 
 /// `f(0..n)` in task order, run by the calling thread together with the pool's other
-/// threads, each claiming the next task from a shared counter.
+/// threads. The tasks are cut into one lane of consecutive tasks per thread; each thread
+/// claims its own lane's tasks in order, then helps finish the others' (from shared
+/// counters, so a thread that loses its core holds up nobody).
+///
+/// Why lanes: consecutive tasks read consecutive bytes of the same streams (tasks are in
+/// (head, position) order), so a thread's look-ahead prefetches at the end of one task
+/// fetch the start of its next one. With one shared counter the threads alternated, and
+/// every task began each of its streams with demand misses: lanes made cold steps 8–9%
+/// faster (int8 and float kernels, 16K tokens).
 ///
 /// Why not `par_iter`: a decode step is a few hundred microseconds, and handing all of it to
 /// the pool costs two thread wake-ups on its critical path (the workers at the start, the
@@ -659,18 +667,32 @@ thread_local! {
 /// the counter runs out, spins for the last task instead of sleeping.
 fn run_tasks<T: Send + Sync>(n: usize, f: impl Fn(usize, &mut TaskScratch) -> T + Sync) -> Vec<T> {
     let slots: Vec<OnceLock<T>> = (0..n).map(|_| OnceLock::new()).collect();
-    let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    // The caller takes one of the pool's share of cores, worker or not.
+    let helpers = (rayon::current_num_threads() - 1).min(n.saturating_sub(1));
+    // One lane of consecutive tasks per thread, claimed in order, then the others' leftovers.
+    let lanes = helpers + 1;
+    let lane_end = |k: usize| (k + 1) * n / lanes;
+    let next: Vec<AtomicUsize> = (0..lanes)
+        .map(|k| AtomicUsize::new(k * n / lanes))
+        .collect();
+    let lane_of_thread = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
     let (started, left) = (AtomicUsize::new(0), AtomicUsize::new(0));
     // Set when a helper's task panics: its tasks will never be done, and the scope re-raises.
     let panicked = AtomicBool::new(false);
     let work = || {
-        let run = |scratch: &mut TaskScratch| loop {
-            let t = next.fetch_add(1, Ordering::Relaxed);
-            if t >= n {
-                break;
+        let own = lane_of_thread.fetch_add(1, Ordering::Relaxed) % lanes;
+        let run = |scratch: &mut TaskScratch| {
+            for k in (0..lanes).map(|j| (own + j) % lanes) {
+                loop {
+                    let t = next[k].fetch_add(1, Ordering::Relaxed);
+                    if t >= lane_end(k) {
+                        break;
+                    }
+                    let _ = slots[t].set(f(t, scratch));
+                    done.fetch_add(1, Ordering::Release);
+                }
             }
-            let _ = slots[t].set(f(t, scratch));
-            done.fetch_add(1, Ordering::Release);
         };
         // A fresh scratch if this thread's is in use (a nested call).
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
@@ -678,8 +700,6 @@ fn run_tasks<T: Send + Sync>(n: usize, f: impl Fn(usize, &mut TaskScratch) -> T 
             Err(_) => run(&mut TaskScratch::default()),
         });
     };
-    // The caller takes one of the pool's share of cores, worker or not.
-    let helpers = (rayon::current_num_threads() - 1).min(n.saturating_sub(1));
     rayon::in_place_scope(|scope| {
         for _ in 0..helpers {
             scope.spawn(|_| {
@@ -1221,6 +1241,10 @@ mod tests {
             assert_eq!(run_tasks(n, square), want, "n {n}");
             let nested = rayon::scope(|_| run_tasks(n, |t, _| run_tasks(3, square)[2] + t));
             assert_eq!(nested, (0..n).map(|t| 4 + t).collect::<Vec<_>>(), "n {n}");
+            // Each task runs once, whichever lane it is claimed from.
+            let calls = AtomicUsize::new(0);
+            run_tasks(n, |_, _| calls.fetch_add(1, Ordering::Relaxed));
+            assert_eq!(calls.into_inner(), n, "n {n}");
         }
     }
 
