@@ -5,6 +5,7 @@
 //! first (element by element with `half`, independently of the cache's slice conversion).
 
 use half::f16;
+use ratequant::kvcache::attention::int8::Kernels;
 use ratequant::kvcache::{
     AttentionKernel, AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat,
 };
@@ -185,9 +186,30 @@ fn run_cache_with(
     blocks: &[usize],
     params: &AttentionParams,
 ) -> Vec<Vec<f32>> {
+    run_cache_on(m, kernel, isa, None, q, k, v, tokens, blocks, params)
+}
+
+/// [`run_cache_with`], the integer kernels on `int8` where given.
+#[allow(clippy::too_many_arguments)]
+fn run_cache_on(
+    m: &Model,
+    kernel: AttentionKernel,
+    isa: Isa,
+    int8: Option<Kernels>,
+    q: &[Vec<f32>],
+    k: &[Vec<f32>],
+    v: &[Vec<f32>],
+    tokens: usize,
+    blocks: &[usize],
+    params: &AttentionParams,
+) -> Vec<Vec<f32>> {
     let d = m.shape.head_dim;
     let mut cache = PackedKvCache::with_kernel(m.shape, &m.units, m.residual, kernel).unwrap();
     cache.set_isa(isa).unwrap();
+    if let Some(kernels) = int8 {
+        cache.set_int8_kernels(kernels).unwrap();
+        assert_eq!(cache.kernel_isa(), kernels.name());
+    }
     let mut outs = vec![vec![0.0f32; m.heads * tokens * d]; m.shape.layers];
     let mut at = 0;
     let mut bi = 0;
@@ -640,11 +662,12 @@ fn int8_kernels_add_a_small_fraction_of_the_quantization_error() {
 }
 
 #[test]
-fn int8_vnni_equals_the_scalar_integer_kernels_bit_for_bit() {
-    // Isa::Avx2 runs the integer kernels' scalar definition under the same (AVX2) glue as
-    // the VNNI kernels, so the two agree exactly; Isa::Scalar differs only in float rounding.
-    if !Isa::Avx512.is_available() || !Isa::Avx2.is_available() {
-        eprintln!("skipped: needs AVX2 and AVX-512");
+fn int8_simd_kernels_equal_the_scalar_integer_kernels_bit_for_bit() {
+    // Under Isa::Avx2 the integer kernels' scalar definition and their AVX2 versions run
+    // with the same glue, and the AVX-512 glue gives the same bits, so every kernel
+    // implementation agrees exactly; Isa::Scalar differs only in float rounding.
+    if !Isa::Avx2.is_available() {
+        eprintln!("skipped: needs AVX2");
         return;
     }
     let shape = CacheShape {
@@ -685,12 +708,43 @@ fn int8_vnni_equals_the_scalar_integer_kernels_bit_for_bit() {
                 &p,
             )
         };
-        let (reference_kernels, vnni) = (run(Isa::Avx2), run(Isa::Avx512));
-        assert_eq!(max_abs_diff(&reference_kernels, &vnni), 0.0, "{bits} bits");
+        let run_on = |isa, kernels| {
+            run_cache_on(
+                &m,
+                AttentionKernel::Int8,
+                isa,
+                Some(kernels),
+                &q,
+                &k,
+                &v,
+                tokens,
+                &[1, 64],
+                &p,
+            )
+        };
+        let reference_kernels = run_on(Isa::Avx2, Kernels::Scalar);
+        let mut simd = Vec::new();
+        for kernels in [Kernels::Avx2, Kernels::AvxVnni] {
+            if kernels.is_available() {
+                simd.push((kernels, run_on(Isa::Avx2, kernels)));
+            }
+        }
+        if Kernels::Avx512Vnni.is_available() {
+            simd.push((Kernels::Avx512Vnni, run(Isa::Avx512)));
+        }
+        assert!(!simd.is_empty());
+        for (kernels, out) in &simd {
+            assert_eq!(
+                max_abs_diff(&reference_kernels, out),
+                0.0,
+                "{kernels:?}, {bits} bits"
+            );
+        }
+        let vnni = &simd.last().unwrap().1;
         let scalar = run(Isa::Scalar);
         let want = reference(&m, &q, &k, &v, tokens, &p);
         assert!(
-            rms_diff(&scalar, &vnni) < 0.1 * rms_diff(&vnni, &want) + 1e-6,
+            rms_diff(&scalar, vnni) < 0.1 * rms_diff(vnni, &want) + 1e-6,
             "{bits} bits"
         );
     }

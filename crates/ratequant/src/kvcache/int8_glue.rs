@@ -40,7 +40,7 @@ fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn key_scores<const F16C: bool>(
-    vnni: bool,
+    kernels: int8::Kernels,
     key: &KeyStore,
     prep: &QueryPrep,
     a: usize,
@@ -100,7 +100,7 @@ pub(super) fn key_scores<const F16C: bool>(
             block_tiles,
             block_stride: q_rows * d,
         };
-        int8::key_dot(vnni, codes, tiles, d, bits, 0..d, weights, sums, n);
+        int8::key_dot(kernels, codes, tiles, d, bits, 0..d, weights, sums, n);
         // Block by block, so each inner loop is one scale and bias over contiguous sums.
         for j in 0..nb {
             let (lo, hi) = (
@@ -140,7 +140,7 @@ pub(super) fn key_scores<const F16C: bool>(
     let weights = int8::KeyWeights::shared(q8, d, q_rows);
     for (g, c0) in (0..d).step_by(group).enumerate() {
         let c1 = (c0 + group).min(d);
-        int8::key_dot(vnni, codes, tiles, d, bits, c0..c1, weights, sums, n);
+        int8::key_dot(kernels, codes, tiles, d, bits, c0..c1, weights, sums, n);
         to_f32::<F16C>(&core.scales[g][a..e], s);
         to_f32::<F16C>(&core.zeros[g][a..e], z);
         for r in 0..rows {
@@ -170,7 +170,7 @@ pub(super) fn key_scores<const F16C: bool>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn values<const F16C: bool>(
-    vnni: bool,
+    kernels: int8::Kernels,
     value: &ValueStore,
     probs: &[f32],
     len: usize,
@@ -218,7 +218,7 @@ pub(super) fn values<const F16C: bool>(
             lo_acc.fill(0.0);
             let ch = c0..c1;
             int8::value_accumulate(
-                vnni, codes, nt, d, bits, ch, w8, ws, sigma, nt, w_rows, lo_acc, d,
+                kernels, codes, nt, d, bits, ch, w8, ws, sigma, nt, w_rows, lo_acc, d,
             );
             for r in 0..rows {
                 for c in c0..c1 {
@@ -227,7 +227,7 @@ pub(super) fn values<const F16C: bool>(
             }
         } else {
             int8::value_accumulate(
-                vnni,
+                kernels,
                 codes,
                 nt,
                 d,

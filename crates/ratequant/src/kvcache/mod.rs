@@ -41,7 +41,7 @@ use std::sync::OnceLock;
 use crate::quant::{Kind, QuantizerSpec};
 use crate::{hadamard, Error, Result};
 pub use attention::Isa;
-use attention::SoftmaxPart;
+use attention::{int8, SoftmaxPart};
 pub use memory::MemoryReport;
 pub use store::UnitLayout;
 use store::{KeyStore, Store, UnitCore, ValueStore};
@@ -173,6 +173,8 @@ pub struct PackedKvCache {
     residual: usize,
     kernel: AttentionKernel,
     isa: Isa,
+    /// The integer kernels' implementation, within `isa`.
+    int8_kernels: int8::Kernels,
     keys: Vec<KeyStore>,
     values: Vec<ValueStore>,
     lens: Vec<usize>,
@@ -231,11 +233,13 @@ impl PackedKvCache {
                 )?);
             }
         }
+        let isa = Isa::detect();
         Ok(PackedKvCache {
             shape,
             residual,
             kernel,
-            isa: Isa::detect(),
+            isa,
+            int8_kernels: int8::Kernels::best(isa),
             keys,
             values,
             lens: vec![0; shape.layers],
@@ -276,18 +280,31 @@ impl PackedKvCache {
     }
 
     /// What runs the kernels, for reports: `avx512`, `avx2`, `scalar`, and for the integer
-    /// kernels `avx512-vnni` or `scalar` (the integer kernels have no AVX2 version).
+    /// kernels `avx512-vnni`, `avx-vnni`, `avx2` or `scalar`.
     pub fn kernel_isa(&self) -> &'static str {
         match self.kernel {
             AttentionKernel::Float => self.isa.name(),
-            AttentionKernel::Int8 if self.vnni() => "avx512-vnni",
-            AttentionKernel::Int8 => "scalar",
+            AttentionKernel::Int8 => self.int8_kernels().name(),
         }
     }
 
-    /// The integer kernels run on VNNI (else on their scalar reference).
-    fn vnni(&self) -> bool {
-        self.isa == Isa::Avx512 && attention::int8::vnni_available()
+    /// The integer kernels' implementation (by default the fastest within the cache's ISA).
+    pub fn int8_kernels(&self) -> int8::Kernels {
+        self.int8_kernels
+    }
+
+    /// Runs the integer kernels on `kernels` (tests and benchmarks compare them); they must
+    /// run on this CPU and fit the cache's ISA (the AVX-512 glue runs only with AVX-512).
+    pub fn set_int8_kernels(&mut self, kernels: int8::Kernels) -> Result<()> {
+        if !kernels.is_available() || int8::Kernels::best(self.isa) < kernels {
+            return Err(Error::invalid(format!(
+                "integer kernels {} do not run under instruction set {} on this CPU",
+                kernels.name(),
+                self.isa.name()
+            )));
+        }
+        self.int8_kernels = kernels;
+        Ok(())
     }
 
     /// Runs the kernels on `isa` (tests and benchmarks compare instruction sets).
@@ -299,6 +316,7 @@ impl PackedKvCache {
             )));
         }
         self.isa = isa;
+        self.int8_kernels = int8::Kernels::best(isa);
         Ok(())
     }
 
@@ -580,25 +598,25 @@ impl PackedKvCache {
             }
         }
         let glue_avx2 = isa != Isa::Scalar && Isa::Avx2.is_available();
-        let vnni = self.vnni();
+        let kernels = self.int8_kernels();
         let parts: Vec<TaskOut> = run_tasks(tasks.len(), |t, scratch| {
             let (h, i, a, b) = tasks[t];
             let (view, prep, p) = (&views[h], &preps[h * tokens + i], first + i);
             #[cfg(target_arch = "x86_64")]
-            if vnni && glue_avx2 {
+            if kernels == int8::Kernels::Avx512Vnni && glue_avx2 {
                 // SAFETY: AVX-512 F/BW/VNNI, AVX2, FMA and F16C were detected.
                 return unsafe {
-                    run_task_avx512(isa, vnni, view, prep, p, a, b, d, residual, scratch)
+                    run_task_avx512(isa, kernels, view, prep, p, a, b, d, residual, scratch)
                 };
             }
             #[cfg(target_arch = "x86_64")]
             if glue_avx2 {
                 // SAFETY: AVX2, FMA and F16C were detected.
                 return unsafe {
-                    run_task_avx2(isa, vnni, view, prep, p, a, b, d, residual, scratch)
+                    run_task_avx2(isa, kernels, view, prep, p, a, b, d, residual, scratch)
                 };
             }
-            run_task::<false>(isa, vnni, view, prep, p, a, b, d, residual, scratch)
+            run_task::<false>(isa, kernels, view, prep, p, a, b, d, residual, scratch)
         });
         // Merge each (KV head, query)'s blocks (tasks are in (h, i) order): every block is
         // brought to their common max at once, one exponential per block and row.
@@ -903,7 +921,7 @@ struct TaskOut {
 #[allow(clippy::too_many_arguments)]
 fn run_task_avx2(
     isa: Isa,
-    vnni: bool,
+    kernels: int8::Kernels,
     view: &HeadView,
     prep: &QueryPrep,
     p: usize,
@@ -913,7 +931,7 @@ fn run_task_avx2(
     residual: usize,
     scratch: &mut TaskScratch,
 ) -> TaskOut {
-    run_task::<true>(isa, vnni, view, prep, p, a, b, d, residual, scratch)
+    run_task::<true>(isa, kernels, view, prep, p, a, b, d, residual, scratch)
 }
 
 /// [`run_task`] with its glue compiled for AVX-512 (the integer kernels' glue rounds whole
@@ -923,7 +941,7 @@ fn run_task_avx2(
 #[allow(clippy::too_many_arguments)]
 fn run_task_avx512(
     isa: Isa,
-    vnni: bool,
+    kernels: int8::Kernels,
     view: &HeadView,
     prep: &QueryPrep,
     p: usize,
@@ -933,19 +951,19 @@ fn run_task_avx512(
     residual: usize,
     scratch: &mut TaskScratch,
 ) -> TaskOut {
-    run_task::<true>(isa, vnni, view, prep, p, a, b, d, residual, scratch)
+    run_task::<true>(isa, kernels, view, prep, p, a, b, d, residual, scratch)
 }
 
 /// Attention of one (KV head, query at position `p`) over positions `a..b`: scores, the
 /// block's softmax, and the value accumulation (in `acc_q`, except that for QuaRot values,
 /// whose packed part is in the rotated domain, the unquantized rows go to `acc_fp`). `F16C`: the caller
 /// runs with AVX2, FMA and F16C enabled, so the glue may use them. Tiled stores run the
-/// integer kernels (on VNNI when `vnni`).
+/// integer kernels (as `kernels` says).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn run_task<const F16C: bool>(
     isa: Isa,
-    vnni: bool,
+    kernels: int8::Kernels,
     view: &HeadView,
     prep: &QueryPrep,
     p: usize,
@@ -971,7 +989,7 @@ fn run_task<const F16C: bool>(
     let kq = key.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(kq);
     if a < packed_end && view.key.tiled {
-        int8_glue::key_scores::<F16C>(vnni, view.key, prep, a, packed_end, scores, len, glue);
+        int8_glue::key_scores::<F16C>(kernels, view.key, prep, a, packed_end, scores, len, glue);
     } else if a < packed_end {
         packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, scores, len, glue);
     }
@@ -1001,7 +1019,7 @@ fn run_task<const F16C: bool>(
     let packed_end = b.min(vq);
     if a < packed_end && view.value.tiled {
         int8_glue::values::<F16C>(
-            vnni, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue,
+            kernels, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue,
         );
     } else if a < packed_end {
         packed_values::<F16C>(

@@ -167,6 +167,69 @@ pub fn check_layout(
     Ok(())
 }
 
+/// Which implementation runs [`key_dot`] and [`value_accumulate`]. All give the same sums
+/// bit for bit; the scalar one is the definition. Ordered from slowest to fastest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernels {
+    Scalar,
+    /// AVX2: `vpmaddubsw` + `vpmaddwd` (see `int8_avx2`).
+    Avx2,
+    /// AVX2 registers with AVX-VNNI's `vpdpbusd`.
+    AvxVnni,
+    /// AVX-512 with VNNI.
+    Avx512Vnni,
+}
+
+impl Kernels {
+    /// The fastest this CPU runs within `isa`'s vector width.
+    pub fn best(isa: super::Isa) -> Kernels {
+        let fits = |k: Kernels| match k {
+            Kernels::Avx512Vnni => isa == super::Isa::Avx512,
+            Kernels::Avx2 | Kernels::AvxVnni => isa != super::Isa::Scalar,
+            Kernels::Scalar => true,
+        };
+        [Kernels::Avx512Vnni, Kernels::AvxVnni, Kernels::Avx2]
+            .into_iter()
+            .find(|&k| fits(k) && k.is_available())
+            .unwrap_or(Kernels::Scalar)
+    }
+
+    pub fn is_available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = || is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            match self {
+                Kernels::Scalar => true,
+                Kernels::Avx2 => avx2(),
+                Kernels::AvxVnni => avx2() && is_x86_feature_detected!("avxvnni"),
+                Kernels::Avx512Vnni => vnni_available(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernels::Scalar
+        }
+    }
+
+    /// For reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Scalar => "scalar",
+            Kernels::Avx2 => "avx2",
+            Kernels::AvxVnni => "avx-vnni",
+            Kernels::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Query rows per kernel pass.
+    fn rows_per_pass(self) -> usize {
+        match self {
+            Kernels::Avx2 | Kernels::AvxVnni => super::int8_avx2::ROWS,
+            _ => super::MAX_ROWS,
+        }
+    }
+}
+
 /// Whether the VNNI kernels can run here (AVX-512 F, BW, VL and VNNI).
 pub fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -225,7 +288,7 @@ impl<'a> KeyWeights<'a> {
 /// end on multiples of 32 (or at `head_dim`).
 #[allow(clippy::too_many_arguments)]
 pub fn key_dot(
-    vnni: bool,
+    kernels: Kernels,
     codes: &[u8],
     tiles: usize,
     head_dim: usize,
@@ -262,28 +325,39 @@ pub fn key_dot(
         out.len() >= (rows - 1) * out_stride + tiles * KEY_TILE_TOKENS,
         "key_dot: output too short"
     );
-    for r0 in (0..rows).step_by(super::MAX_ROWS) {
+    let kernels = checked(kernels);
+    let per_pass = kernels.rows_per_pass();
+    for r0 in (0..rows).step_by(per_pass) {
         let w = w.skip_rows(r0);
-        let n = super::MAX_ROWS.min(w.rows);
+        let n = per_pass.min(w.rows);
         let out = &mut out[r0 * out_stride..];
         #[cfg(target_arch = "x86_64")]
-        if vnni && vnni_available_cached() {
-            // SAFETY: features checked; bounds asserted above.
-            unsafe {
-                super::int8_avx512::key_dot(
-                    codes,
-                    tiles,
-                    head_dim,
-                    bits,
-                    channels.clone(),
-                    KeyWeights { rows: n, ..w },
-                    out,
-                    out_stride,
-                )
+        {
+            use super::{int8_avx2, int8_avx512};
+            let simd = match kernels {
+                Kernels::Avx512Vnni => Some(int8_avx512::key_dot as KeyDotFn),
+                Kernels::AvxVnni => Some(int8_avx2::key_dot_vnni as KeyDotFn),
+                Kernels::Avx2 => Some(int8_avx2::key_dot_madd as KeyDotFn),
+                Kernels::Scalar => None,
             };
-            continue;
+            if let Some(f) = simd {
+                let w = KeyWeights { rows: n, ..w };
+                // SAFETY: features checked by `checked`; bounds asserted above.
+                unsafe {
+                    f(
+                        codes,
+                        tiles,
+                        head_dim,
+                        bits,
+                        channels.clone(),
+                        w,
+                        out,
+                        out_stride,
+                    )
+                };
+                continue;
+            }
         }
-        let _ = vnni;
         for r in 0..n {
             for tile in 0..tiles {
                 let t_codes = &codes[tile * key_tile_bytes(head_dim, bits)..];
@@ -307,7 +381,7 @@ pub fn key_dot(
 /// `w` holds non-negative weights (`0..=127`); `channels` starts and ends on multiples of 16.
 #[allow(clippy::too_many_arguments)]
 pub fn value_accumulate(
-    vnni: bool,
+    kernels: Kernels,
     codes: &[u8],
     tiles: usize,
     head_dim: usize,
@@ -350,32 +424,43 @@ pub fn value_accumulate(
         acc.len() >= (rows - 1) * acc_stride + channels.end,
         "value_accumulate: accumulator too short"
     );
-    for r0 in (0..rows).step_by(super::MAX_ROWS) {
-        let n = super::MAX_ROWS.min(rows - r0);
+    let kernels = checked(kernels);
+    let per_pass = kernels.rows_per_pass();
+    for r0 in (0..rows).step_by(per_pass) {
+        let n = per_pass.min(rows - r0);
         let (w, scale) = (&w[r0 * w_stride..], &scale[r0 * scale_stride..]);
         let acc = &mut acc[r0 * acc_stride..];
         #[cfg(target_arch = "x86_64")]
-        if vnni && vnni_available_cached() {
-            // SAFETY: features checked; bounds asserted above.
-            unsafe {
-                super::int8_avx512::value_accumulate(
-                    codes,
-                    tiles,
-                    head_dim,
-                    bits,
-                    channels.clone(),
-                    w,
-                    w_stride,
-                    scale,
-                    scale_stride,
-                    n,
-                    acc,
-                    acc_stride,
-                )
+        {
+            use super::{int8_avx2, int8_avx512};
+            let simd = match kernels {
+                Kernels::Avx512Vnni => Some(int8_avx512::value_accumulate as ValueFn),
+                Kernels::AvxVnni => Some(int8_avx2::value_accumulate_vnni as ValueFn),
+                Kernels::Avx2 => Some(int8_avx2::value_accumulate_madd as ValueFn),
+                Kernels::Scalar => None,
             };
-            continue;
+            if let Some(f) = simd {
+                let ch = channels.clone();
+                // SAFETY: features checked by `checked`; bounds asserted above.
+                unsafe {
+                    f(
+                        codes,
+                        tiles,
+                        head_dim,
+                        bits,
+                        ch,
+                        w,
+                        w_stride,
+                        scale,
+                        scale_stride,
+                        n,
+                        acc,
+                        acc_stride,
+                    )
+                };
+                continue;
+            }
         }
-        let _ = vnni;
         for r in 0..n {
             for tile in 0..tiles {
                 let t_codes = &codes[tile * value_tile_bytes(head_dim, bits)..];
@@ -593,6 +678,36 @@ pub fn value_weights_scalar(
     }
 }
 
+/// The SIMD kernels' signatures (one per ISA, each compiled for its features).
+#[cfg(target_arch = "x86_64")]
+type KeyDotFn = unsafe fn(&[u8], usize, usize, u8, Range<usize>, KeyWeights, &mut [i32], usize);
+#[cfg(target_arch = "x86_64")]
+type ValueFn = unsafe fn(
+    &[u8],
+    usize,
+    usize,
+    u8,
+    Range<usize>,
+    &[i8],
+    usize,
+    &[f32],
+    usize,
+    usize,
+    &mut [f32],
+    usize,
+);
+
+/// `kernels` if this CPU runs them, else the scalar definition; asked once per level.
+fn checked(kernels: Kernels) -> Kernels {
+    static AVAILABLE: [std::sync::OnceLock<bool>; 4] = [const { std::sync::OnceLock::new() }; 4];
+    let i = kernels as usize;
+    if *AVAILABLE[i].get_or_init(|| kernels.is_available()) {
+        kernels
+    } else {
+        Kernels::Scalar
+    }
+}
+
 /// [`vnni_available`] and F16C (which the AVX-512 weight builders also use), asked once:
 /// the kernels and weight builders dispatch on it per call.
 #[cfg(target_arch = "x86_64")]
@@ -679,14 +794,25 @@ mod tests {
         }
     }
 
-    /// The VNNI kernels equal the scalar definition bit for bit, over every bit-width, row
-    /// count and aligned channel range, with extreme weights and codes.
+    /// Every SIMD version of the kernels this CPU runs equals the scalar definition bit for
+    /// bit, over every bit-width, row count and aligned channel range, with extreme weights
+    /// and codes.
     #[test]
-    fn vnni_kernels_equal_the_scalar_definition() {
-        if !vnni_available() {
-            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+    fn simd_kernels_equal_the_scalar_definition() {
+        let levels: Vec<Kernels> = [Kernels::Avx2, Kernels::AvxVnni, Kernels::Avx512Vnni]
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect();
+        if levels.is_empty() {
+            eprintln!("skipped: no SIMD integer kernels on this CPU");
             return;
         }
+        for &level in &levels {
+            simd_kernels_equal_the_scalar_definition_on(level);
+        }
+    }
+
+    fn simd_kernels_equal_the_scalar_definition_on(level: Kernels) {
         let d = 96;
         for bits in 1..=8u8 {
             let mut seed = 77 + bits as u64;
@@ -741,11 +867,12 @@ mod tests {
                         },
                     ] {
                         let (ch, n) = (channels.clone(), n);
-                        key_dot(false, &kcodes, tiles, d, bits, ch.clone(), w, &mut a, n);
-                        key_dot(true, &kcodes, tiles, d, bits, ch, w, &mut b, n);
+                        let scalar = Kernels::Scalar;
+                        key_dot(scalar, &kcodes, tiles, d, bits, ch.clone(), w, &mut a, n);
+                        key_dot(level, &kcodes, tiles, d, bits, ch, w, &mut b, n);
                         assert_eq!(
                             a, b,
-                            "key_dot bits {bits} rows {rows} channels {channels:?} {w:?}"
+                            "{level:?} key_dot bits {bits} rows {rows} channels {channels:?} {w:?}"
                         );
                     }
                 }
@@ -764,7 +891,7 @@ mod tests {
                     let init: Vec<f32> = (0..rows * d).map(|i| i as f32 * 0.25).collect();
                     let (mut a, mut b) = (init.clone(), init);
                     value_accumulate(
-                        false,
+                        Kernels::Scalar,
                         &vcodes,
                         tiles,
                         d,
@@ -779,7 +906,7 @@ mod tests {
                         d,
                     );
                     value_accumulate(
-                        true,
+                        level,
                         &vcodes,
                         tiles,
                         d,
@@ -795,7 +922,7 @@ mod tests {
                     );
                     assert_eq!(
                         a, b,
-                        "value_accumulate bits {bits} rows {rows} channels {channels:?}"
+                        "{level:?} value_accumulate bits {bits} rows {rows} channels {channels:?}"
                     );
                 }
             }

@@ -25,6 +25,8 @@ pub mod scalar;
 mod simd;
 
 #[cfg(target_arch = "x86_64")]
+mod int8_avx2;
+#[cfg(target_arch = "x86_64")]
 mod int8_avx512;
 
 #[cfg(target_arch = "x86_64")]
