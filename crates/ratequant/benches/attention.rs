@@ -32,7 +32,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
 use rayon::prelude::*;
 
-use ratequant::kvcache::attention::int8;
+use ratequant::kvcache::attention::int8::{self, Kernels};
 use ratequant::kvcache::dense::DenseLayerCache;
 use ratequant::kvcache::{
     AttentionKernel, AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
@@ -142,6 +142,29 @@ fn build(tokens: usize) -> Vec<(String, Cache)> {
                 PackedKvCache::with_kernel(shape, &units, DEFAULT_RESIDUAL, kernel).unwrap();
             cache.append(0, &k, &v, tokens).unwrap();
             caches.push((format!("{name}-int8"), Cache::Packed(cache)));
+        }
+        // What an AVX2-only CPU runs: the float kernels, and the integer kernels with and
+        // without AVX-VNNI.
+        if name == "packed-2.5" && Isa::Avx2.is_available() {
+            let mut cache = PackedKvCache::new(shape, &units, DEFAULT_RESIDUAL).unwrap();
+            cache.set_isa(Isa::Avx2).unwrap();
+            cache.append(0, &k, &v, tokens).unwrap();
+            caches.push((format!("{name}@avx2"), Cache::Packed(cache)));
+            for kernels in [Kernels::Avx2, Kernels::AvxVnni] {
+                if !kernels.is_available() {
+                    continue;
+                }
+                let kernel = AttentionKernel::Int8;
+                let mut cache =
+                    PackedKvCache::with_kernel(shape, &units, DEFAULT_RESIDUAL, kernel).unwrap();
+                cache.set_isa(Isa::Avx2).unwrap();
+                cache.set_int8_kernels(kernels).unwrap();
+                cache.append(0, &k, &v, tokens).unwrap();
+                caches.push((
+                    format!("{name}-int8@{}", kernels.name()),
+                    Cache::Packed(cache),
+                ));
+            }
         }
     }
     caches

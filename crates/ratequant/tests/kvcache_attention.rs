@@ -662,10 +662,12 @@ fn int8_kernels_add_a_small_fraction_of_the_quantization_error() {
 }
 
 #[test]
-fn int8_simd_kernels_equal_the_scalar_integer_kernels_bit_for_bit() {
-    // Under Isa::Avx2 the integer kernels' scalar definition and their AVX2 versions run
-    // with the same glue, and the AVX-512 glue gives the same bits, so every kernel
-    // implementation agrees exactly; Isa::Scalar differs only in float rounding.
+fn int8_simd_kernels_agree_with_the_scalar_integer_kernels() {
+    // Every implementation sums the same integers exactly and rounds the same weights (unit
+    // tests in `int8`); the weight builders of each ISA add the zero-point terms in their own
+    // order, so caches whose builders differ agree to float rounding, and those that share
+    // them (AVX2 with and without AVX-VNNI) bit for bit. Isa::Scalar (scalar glue too) also
+    // differs only in float rounding.
     if !Isa::Avx2.is_available() {
         eprintln!("skipped: needs AVX2");
         return;
@@ -733,12 +735,19 @@ fn int8_simd_kernels_equal_the_scalar_integer_kernels_bit_for_bit() {
             simd.push((Kernels::Avx512Vnni, run(Isa::Avx512)));
         }
         assert!(!simd.is_empty());
+        let size = reference_kernels
+            .iter()
+            .flatten()
+            .fold(0.0f32, |m, x| m.max(x.abs()));
         for (kernels, out) in &simd {
-            assert_eq!(
-                max_abs_diff(&reference_kernels, out),
-                0.0,
-                "{kernels:?}, {bits} bits"
+            let diff = max_abs_diff(&reference_kernels, out);
+            assert!(
+                diff <= 1e-5 * (1.0 + size),
+                "{kernels:?}, {bits} bits: {diff} from the scalar kernels"
             );
+        }
+        if let [(Kernels::Avx2, a), (Kernels::AvxVnni, b), ..] = &simd[..] {
+            assert_eq!(max_abs_diff(a, b), 0.0, "AVX2 and AVX-VNNI, {bits} bits");
         }
         let vnni = &simd.last().unwrap().1;
         let scalar = run(Isa::Scalar);

@@ -83,6 +83,7 @@ pub(super) fn key_scores<const F16C: bool>(
         let bias = take(bias, nb * rows);
         let span = blocks.start * d..blocks.end * d;
         int8::key_block_weights(
+            kernels,
             &prep.q_packed,
             rows,
             &core.scales[0][span.clone()],
@@ -201,7 +202,20 @@ pub(super) fn values<const F16C: bool>(
         let (sig_hi, sig_lo) = sigma.split_at_mut(rows * nt);
         let zero = take(&mut scratch.bias, rows);
         let lo = split.then_some(&mut los[..]);
-        int8::value_weights(probs, len, rows, e - a, s, z, first, his, lo, sig_hi, zero);
+        int8::value_weights(
+            kernels,
+            probs,
+            len,
+            rows,
+            e - a,
+            s,
+            z,
+            first,
+            his,
+            lo,
+            sig_hi,
+            zero,
+        );
         for r in 0..rows {
             for x in &mut acc[r * d + c0..r * d + c1] {
                 *x += zero[r];

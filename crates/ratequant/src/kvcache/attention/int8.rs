@@ -200,8 +200,11 @@ impl Kernels {
             let avx2 = || is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
             match self {
                 Kernels::Scalar => true,
-                Kernels::Avx2 => avx2(),
-                Kernels::AvxVnni => avx2() && is_x86_feature_detected!("avxvnni"),
+                // F16C for the AVX2 weight builders.
+                Kernels::Avx2 => avx2() && is_x86_feature_detected!("f16c"),
+                Kernels::AvxVnni => {
+                    Kernels::Avx2.is_available() && is_x86_feature_detected!("avxvnni")
+                }
                 Kernels::Avx512Vnni => vnni_available(),
             }
         }
@@ -529,9 +532,11 @@ pub fn quantize_i8_scalar(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f3
 /// `split`, `w8[(j·q_rows + rows + r)·d..]` (`lo`), where `q_rows` is `2·rows` when split and
 /// `rows` otherwise (the row layout [`key_dot`] reads with a block stride of `q_rows·d`);
 /// `sigma[j·rows + r] = σ` and `bias[j·rows + r] = Σ_c q_c·z_c`. The AVX-512 version gives
-/// the same bytes and `σ`; `bias` may differ in rounding (another summation order).
+/// the same bytes and `σ`; `bias` may differ in rounding (another summation order). The
+/// AVX-512 version runs with [`Kernels::Avx512Vnni`], the AVX2 one with the AVX2 kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn key_block_weights(
+    kernels: Kernels,
     q: &[f32],
     rows: usize,
     s: &[half::f16],
@@ -556,12 +561,23 @@ pub fn key_block_weights(
     assert!(w8.len() >= blocks * q_rows * d);
     assert!(sigma.len() >= blocks * rows && bias.len() >= blocks * rows);
     #[cfg(target_arch = "x86_64")]
-    if vnni_available_cached() && d.is_multiple_of(32) {
-        // SAFETY: AVX-512 F/BW/VL and F16C detected; lengths asserted, `d` as it requires.
-        return unsafe {
-            super::int8_avx512::key_block_weights(q, rows, s, z, blocks, split, w8, sigma, bias)
-        };
+    match checked(kernels) {
+        Kernels::Avx512Vnni if vnni_available_cached() && d.is_multiple_of(32) => {
+            // SAFETY: AVX-512 F/BW/VL and F16C detected; lengths asserted, `d` as it requires.
+            return unsafe {
+                super::int8_avx512::key_block_weights(q, rows, s, z, blocks, split, w8, sigma, bias)
+            };
+        }
+        Kernels::Avx2 | Kernels::AvxVnni if d.is_multiple_of(8) => {
+            // SAFETY: AVX2, FMA and F16C detected; lengths asserted, `d` as it requires.
+            return unsafe {
+                super::int8_avx2::key_block_weights(q, rows, s, z, blocks, split, w8, sigma, bias)
+            };
+        }
+        _ => {}
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
     key_block_weights_scalar(q, rows, s, z, blocks, split, w8, sigma, bias)
 }
 
@@ -605,9 +621,11 @@ pub fn key_block_weights_scalar(
 /// [`quantize_i8`] into `hi[r·nt·32 + 32·j..]` (and `lo`, laid out alike) with scale
 /// `sigma[r·nt + j]`, `nt = ⌈(first + n)/32⌉`; positions outside `first..first + n` weigh 0.
 /// `zero[r] = Σ_i p[r·p_stride + i]·z[i]`. The AVX-512 version gives the same bytes and
-/// scales; the zero-point sums may differ in rounding.
+/// scales; the zero-point sums may differ in rounding. The AVX-512 version runs with
+/// [`Kernels::Avx512Vnni`], the AVX2 one with the AVX2 kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn value_weights(
+    kernels: Kernels,
     p: &[f32],
     p_stride: usize,
     rows: usize,
@@ -631,14 +649,27 @@ pub fn value_weights(
         .as_ref()
         .is_none_or(|l| l.len() >= rows * nt * VALUE_TILE_TOKENS));
     #[cfg(target_arch = "x86_64")]
-    if vnni_available_cached() && rows <= 16 {
-        // SAFETY: AVX-512 F/BW and F16C detected; lengths asserted, rows as it requires.
-        return unsafe {
-            super::int8_avx512::value_weights(
-                p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero,
-            )
-        };
+    match checked(kernels) {
+        Kernels::Avx512Vnni if vnni_available_cached() && rows <= 16 => {
+            // SAFETY: AVX-512 F/BW and F16C detected; lengths asserted, rows as it requires.
+            return unsafe {
+                super::int8_avx512::value_weights(
+                    p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero,
+                )
+            };
+        }
+        Kernels::Avx2 | Kernels::AvxVnni => {
+            // SAFETY: AVX2, FMA and F16C detected; lengths asserted.
+            return unsafe {
+                super::int8_avx2::value_weights(
+                    p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero,
+                )
+            };
+        }
+        _ => {}
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
     value_weights_scalar(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero)
 }
 
@@ -947,6 +978,14 @@ mod tests {
 
     #[test]
     fn weight_builders_dispatch_equal_their_definitions() {
+        for level in [Kernels::Avx2, Kernels::Avx512Vnni] {
+            if level.is_available() {
+                weight_builders_equal_their_definitions_on(level);
+            }
+        }
+    }
+
+    fn weight_builders_equal_their_definitions_on(level: Kernels) {
         use half::f16;
         let mut seed = 3;
         let mut f = |scale: f32| (lcg(&mut seed) as f32 / (1u64 << 31) as f32 - 0.5) * scale;
@@ -969,9 +1008,15 @@ mod tests {
                 key_block_weights_scalar(
                     &q, rows, &s, &z, blocks, split, &mut w1, &mut s1, &mut b1,
                 );
-                key_block_weights(&q, rows, &s, &z, blocks, split, &mut w2, &mut s2, &mut b2);
+                key_block_weights(
+                    level, &q, rows, &s, &z, blocks, split, &mut w2, &mut s2, &mut b2,
+                );
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!((bits(&s1), &w1), (bits(&s2), &w2), "keys d {d} rows {rows}");
+                assert_eq!(
+                    (bits(&s1), &w1),
+                    (bits(&s2), &w2),
+                    "{level:?} keys d {d} rows {rows}"
+                );
                 assert_eq!(s1[0], 0.0);
                 assert!(w1[..d].iter().all(|&x| x == 0));
                 assert!(s1[rows..].iter().all(|&x| x > 0.0));
@@ -1021,9 +1066,10 @@ mod tests {
                 );
                 let lo = split.then_some(&mut b.1[..]);
                 value_weights(
-                    &p, p_stride, rows, n, &s, &z, first, &mut b.0, lo, &mut b.2, &mut zb,
+                    level, &p, p_stride, rows, n, &s, &z, first, &mut b.0, lo, &mut b.2, &mut zb,
                 );
-                let what = format!("values first {first} n {n} rows {rows} split {split}");
+                let what =
+                    format!("{level:?} values first {first} n {n} rows {rows} split {split}");
                 assert_eq!(a, b, "{what}");
                 assert_eq!(a.2[..tiles].contains(&0.0), n >= 100, "{what}");
                 for (x, y) in za.iter().zip(&zb) {

@@ -334,3 +334,174 @@ unsafe fn plane_dot<D: Dot, const R: usize, const W: usize>(
 
 // Keep the tile constants referenced here in step with the layout's definition.
 const _: () = assert!(KEY_TILE_TOKENS == 16 && VALUE_TILE_TOKENS == 32);
+
+/// Stores the 8 `i32` lanes of `v` as saturated `i8` at `p` (as `as i8` casts).
+#[inline(always)]
+unsafe fn store8_i8(p: *mut i8, v: __m256i) {
+    let y = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_packs_epi32(v, v));
+    (p as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm256_castsi256_si128(y)));
+    (p.add(4) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(y)));
+}
+
+/// The largest lane of `v`.
+#[inline(always)]
+unsafe fn max8(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+}
+
+/// The sum of the lanes of `v`.
+#[inline(always)]
+unsafe fn sum8(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// Rounds the `n` (a multiple of 8) weights at `w` as [`super::int8::quantize_i8`] does: the
+/// same bytes and scale (`vcvtps2dq` rounds to nearest even, the packs saturate).
+#[inline(always)]
+unsafe fn round_i8(w: *const f32, n: usize, hi: *mut i8, lo: Option<*mut i8>) -> f32 {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let mut m = _mm256_setzero_ps();
+    for i in (0..n).step_by(8) {
+        m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(w.add(i)), abs));
+    }
+    let amax = max8(m);
+    if amax == 0.0 {
+        std::ptr::write_bytes(hi, 0, n);
+        if let Some(lo) = lo {
+            std::ptr::write_bytes(lo, 0, n);
+        }
+        return 0.0;
+    }
+    let k = _mm256_set1_ps(127.0 / amax);
+    for i in (0..n).step_by(8) {
+        let t = _mm256_mul_ps(_mm256_loadu_ps(w.add(i)), k);
+        let h = _mm256_cvtps_epi32(t);
+        store8_i8(hi.add(i), h);
+        if let Some(lo) = lo {
+            let r = _mm256_mul_ps(
+                _mm256_sub_ps(t, _mm256_cvtepi32_ps(h)),
+                _mm256_set1_ps(254.0),
+            );
+            store8_i8(lo.add(i), _mm256_cvtps_epi32(r));
+        }
+    }
+    amax / 127.0
+}
+
+/// See [`super::int8::key_block_weights`]; `d` a multiple of 8 and at most 512: the same
+/// bytes and `σ`, the bias summed in another order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn key_block_weights(
+    q: &[f32],
+    rows: usize,
+    s: &[half::f16],
+    z: &[half::f16],
+    blocks: usize,
+    split: bool,
+    w8: &mut [i8],
+    sigma: &mut [f32],
+    bias: &mut [f32],
+) {
+    const MAX_CHUNKS: usize = 64;
+    let d = q.len() / rows;
+    debug_assert!(d.is_multiple_of(8) && d <= 8 * MAX_CHUNKS);
+    let q_rows = if split { 2 * rows } else { rows };
+    let chunks = d / 8;
+    let (mut sv, mut zv) = (
+        [_mm256_setzero_ps(); MAX_CHUNKS],
+        [_mm256_setzero_ps(); MAX_CHUNKS],
+    );
+    let mut w = [0.0f32; 8 * MAX_CHUNKS];
+    let (sp, zp, wp) = (s.as_ptr(), z.as_ptr(), w.as_mut_ptr());
+    for blk in 0..blocks {
+        let (sb, zb) = (sp.add(blk * d), zp.add(blk * d));
+        prefetch_ahead(sb as *const u8, 2 * d);
+        prefetch_ahead(zb as *const u8, 2 * d);
+        for j in 0..chunks {
+            sv[j] = _mm256_cvtph_ps(_mm_loadu_si128(sb.add(8 * j) as *const _));
+            zv[j] = _mm256_cvtph_ps(_mm_loadu_si128(zb.add(8 * j) as *const _));
+        }
+        for r in 0..rows {
+            let qp = q.as_ptr().add(r * d);
+            let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for j in 0..chunks {
+                let qv = _mm256_loadu_ps(qp.add(8 * j));
+                _mm256_storeu_ps(wp.add(8 * j), _mm256_mul_ps(qv, sv[j]));
+                if j % 2 == 0 {
+                    b0 = _mm256_fmadd_ps(qv, zv[j], b0);
+                } else {
+                    b1 = _mm256_fmadd_ps(qv, zv[j], b1);
+                }
+            }
+            bias[blk * rows + r] = sum8(_mm256_add_ps(b0, b1));
+            let hp = w8.as_mut_ptr().add((blk * q_rows + r) * d);
+            let lp = split.then(|| w8.as_mut_ptr().add((blk * q_rows + rows + r) * d));
+            sigma[blk * rows + r] = round_i8(wp, d, hp, lp);
+        }
+    }
+}
+
+/// See [`super::int8::value_weights`]: the same bytes and scales, the zero-point sums added
+/// in another order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn value_weights(
+    p: &[f32],
+    p_stride: usize,
+    rows: usize,
+    n: usize,
+    s: &[half::f16],
+    z: &[half::f16],
+    first: usize,
+    hi: &mut [i8],
+    lo: Option<&mut [i8]>,
+    sigma: &mut [f32],
+    zero: &mut [f32],
+) {
+    const T: usize = VALUE_TILE_TOKENS;
+    let nt = (first + n).div_ceil(T);
+    let (sp, zp) = (s.as_ptr(), z.as_ptr());
+    let (hp, lp) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
+    let mut w = [0.0f32; T];
+    for r in 0..rows {
+        let pr = p.as_ptr().add(r * p_stride);
+        let mut zs = _mm256_setzero_ps();
+        for j in 0..nt {
+            // Token index of the tile's position 0 (positions outside 0..n weigh 0).
+            let base = (j * T) as isize - first as isize;
+            if base >= 0 && base as usize + T <= n {
+                let b = base as usize;
+                prefetch_ahead(sp.add(b) as *const u8, 2 * T);
+                prefetch_ahead(zp.add(b) as *const u8, 2 * T);
+                for c in (0..T).step_by(8) {
+                    let pv = _mm256_loadu_ps(pr.add(b + c));
+                    let sv = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(b + c) as *const _));
+                    let zv = _mm256_cvtph_ps(_mm_loadu_si128(zp.add(b + c) as *const _));
+                    _mm256_storeu_ps(w.as_mut_ptr().add(c), _mm256_mul_ps(pv, sv));
+                    zs = _mm256_fmadd_ps(pv, zv, zs);
+                }
+            } else {
+                let mut zsum = 0.0f32;
+                for (t, x) in w.iter_mut().enumerate() {
+                    let i = base + t as isize;
+                    *x = if i >= 0 && (i as usize) < n {
+                        let i = i as usize;
+                        zsum = (*pr.add(i)).mul_add(z[i].to_f32(), zsum);
+                        *pr.add(i) * s[i].to_f32()
+                    } else {
+                        0.0
+                    };
+                }
+                zs = _mm256_add_ps(zs, _mm256_setr_ps(zsum, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0));
+            }
+            let at = (r * nt + j) * T;
+            sigma[r * nt + j] = round_i8(w.as_ptr(), T, hp.add(at), lp.map(|l| l.add(at)));
+        }
+        zero[r] = sum8(zs);
+    }
+}
