@@ -45,7 +45,7 @@ pub struct EvalArgs {
     pub kv_semantics: SimSemantics,
     /// Instead of simulating, run the real packed cache that `generate` uses, with this
     /// attention kernel: `float` (equals `--kv-semantics packed` up to float rounding) or
-    /// `int8` (VNNI integer kernels: measures what their 8-bit rounding costs).
+    /// `int8` (integer kernels: measures what their 8-bit rounding costs).
     #[arg(long, value_parser = super::generate::parse_kernel)]
     pub packed_kernel: Option<AttentionKernel>,
     /// Headline perplexity protocol: `llama` (llama.cpp's: second half of each chunk scored)

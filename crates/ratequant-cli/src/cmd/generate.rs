@@ -39,8 +39,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = DEFAULT_RESIDUAL)]
     pub residual: usize,
     /// Attention on the packed codes: `float` (f32 arithmetic; equals `eval --kv-semantics
-    /// packed` up to float rounding) or `int8` (integer dot products on AVX-512 VNNI, faster;
-    /// rounds the query and the probabilities to 8 bits, 16 from 4-bit units up).
+    /// packed` up to float rounding) or `int8` (integer dot products on AVX-512 VNNI, AVX-VNNI
+    /// or AVX2, faster; rounds the query and the probabilities to 8 bits, 16 from 4-bit units
+    /// up).
     #[arg(long, default_value = "float", value_parser = parse_kernel)]
     pub attention: AttentionKernel,
     /// The prompt text (special tokens such as `<|im_start|>` are recognised).
@@ -150,6 +151,9 @@ struct GenerateReport<'a> {
     residual: Option<usize>,
     /// `float` or `int8` (`null` for the full-precision cache).
     attention: Option<&'static str>,
+    /// What runs those kernels: `avx512`, `avx2`, `scalar`; for `int8` `avx512-vnni`,
+    /// `avx-vnni`, `avx2` or `scalar` (`null` for the full-precision cache).
+    attention_isa: Option<&'static str>,
     sampling: Sampling,
     prefill_chunk: usize,
     prompt_tokens: usize,
@@ -267,10 +271,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .with_context(cannot_serve)?,
         ),
     };
+    let attention_isa = match &cache {
+        RunCache::Packed(c) => Some(c.inner().kernel_isa()),
+        _ => None,
+    };
     if let RunCache::Packed(c) = &cache {
         if c.inner().kernel() == AttentionKernel::Int8 && c.inner().kernel_isa() == "scalar" {
             eprintln!(
-                "note: this CPU lacks AVX-512 VNNI, so --attention int8 runs its scalar reference (slow); use --attention float"
+                "note: this CPU lacks AVX2, so --attention int8 runs its scalar reference (slow); use --attention float"
             );
         }
     }
@@ -289,9 +297,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         match &choice {
             CacheChoice::FullPrecision => String::new(),
             CacheChoice::Packed { mean_bits, .. } => format!(
-                ", mean {mean_bits:.3} bits, residual {}, {} attention",
+                ", mean {mean_bits:.3} bits, residual {}, {} attention ({})",
                 args.residual,
-                args.attention.name()
+                args.attention.name(),
+                attention_isa.unwrap_or("?")
             ),
         },
         prompt_ids.len(),
@@ -349,6 +358,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         mean_bits,
         residual,
         attention: residual.map(|_| args.attention.name()),
+        attention_isa,
         sampling: Sampling {
             greedy: sampler.is_greedy(),
             temperature: args.temperature,
