@@ -794,3 +794,46 @@ fn int8_kernel_refuses_layouts_it_cannot_tile() {
             .unwrap();
     }
 }
+
+#[test]
+fn int8_kernels_follow_the_isa_and_refuse_what_it_cannot_run() {
+    let shape = CacheShape {
+        layers: 1,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    let units = vec![
+        UnitFormat {
+            quantizer: spec("kivi"),
+            bits: 2
+        };
+        2
+    ];
+    let mut cache = PackedKvCache::with_kernel(shape, &units, 8, AttentionKernel::Int8).unwrap();
+    // The scalar ISA runs only the scalar definition, and says so when asked for more.
+    cache.set_isa(Isa::Scalar).unwrap();
+    assert_eq!(cache.int8_kernels(), Kernels::Scalar);
+    assert_eq!(cache.kernel_isa(), "scalar");
+    let err = cache
+        .set_int8_kernels(Kernels::Avx2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("avx2") && err.contains("scalar"), "{err}");
+    if Isa::Avx2.is_available() && Kernels::Avx2.is_available() {
+        // AVX2 picks an AVX2 level and refuses the AVX-512 kernels (their glue needs AVX-512).
+        cache.set_isa(Isa::Avx2).unwrap();
+        assert!(matches!(
+            cache.int8_kernels(),
+            Kernels::Avx2 | Kernels::AvxVnni
+        ));
+        let err = cache
+            .set_int8_kernels(Kernels::Avx512Vnni)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("avx512-vnni") && err.contains("avx2"), "{err}");
+        cache.set_int8_kernels(Kernels::Avx2).unwrap();
+        assert_eq!(cache.kernel_isa(), "avx2");
+        cache.set_int8_kernels(Kernels::Scalar).unwrap();
+        assert_eq!(cache.kernel_isa(), "scalar");
+    }
+}
