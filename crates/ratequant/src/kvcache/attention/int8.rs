@@ -989,7 +989,13 @@ mod tests {
         use half::f16;
         let mut seed = 3;
         let mut f = |scale: f32| (lcg(&mut seed) as f32 / (1u64 << 31) as f32 - 0.5) * scale;
-        for (d, rows, blocks) in [(32usize, 1usize, 1usize), (64, 3, 5), (256, 2, 3)] {
+        for (d, rows, blocks) in [
+            (32usize, 1usize, 1usize),
+            (64, 3, 5),
+            (256, 2, 3),
+            (64, 4, 3),
+            (96, 7, 4),
+        ] {
             let q: Vec<f32> = (0..rows * d).map(|_| f(4.0)).collect();
             let mut s: Vec<f16> = (0..blocks * d)
                 .map(|_| f16::from_f32(f(1.0).abs()))
@@ -1042,6 +1048,7 @@ mod tests {
             (7, 100, 3),
             (0, 1024, 1),
             (13, 1011, 3),
+            (2, 70, 4),
             (3, 300, 16),
             (9, 200, 17),
         ] {
