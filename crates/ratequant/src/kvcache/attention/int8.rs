@@ -995,6 +995,7 @@ mod tests {
             (256, 2, 3),
             (64, 4, 3),
             (96, 7, 4),
+            (128, 3, 2),
         ] {
             let q: Vec<f32> = (0..rows * d).map(|_| f(4.0)).collect();
             let mut s: Vec<f16> = (0..blocks * d)

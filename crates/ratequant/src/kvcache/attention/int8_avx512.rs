@@ -324,11 +324,33 @@ pub(super) unsafe fn key_block_weights(
     sigma: &mut [f32],
     bias: &mut [f32],
 ) {
+    // Common head sizes unroll, so that a block's widened scales stay in registers.
+    match q.len() / rows {
+        64 => key_block_weights_d::<4>(q, rows, s, z, blocks, split, w8, sigma, bias),
+        128 => key_block_weights_d::<8>(q, rows, s, z, blocks, split, w8, sigma, bias),
+        _ => key_block_weights_d::<0>(q, rows, s, z, blocks, split, w8, sigma, bias),
+    }
+}
+
+/// [`key_block_weights`] for `C` 16-lane chunks per row (`C` 0: `head_dim / 16`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_block_weights_d<const C: usize>(
+    q: &[f32],
+    rows: usize,
+    s: &[half::f16],
+    z: &[half::f16],
+    blocks: usize,
+    split: bool,
+    w8: &mut [i8],
+    sigma: &mut [f32],
+    bias: &mut [f32],
+) {
     const MAX_CHUNKS: usize = 32;
     let d = q.len() / rows;
     debug_assert!(d.is_multiple_of(32) && d <= 16 * MAX_CHUNKS);
     let q_rows = if split { 2 * rows } else { rows };
-    let chunks = d / 16;
+    let chunks = if C > 0 { C } else { d / 16 };
     let mut sv = [_mm512_setzero_ps(); MAX_CHUNKS];
     let mut zv = [_mm512_setzero_ps(); MAX_CHUNKS];
     let mut w = std::mem::MaybeUninit::<[[__m512; MAX_CHUNKS]; 16]>::uninit();
