@@ -46,9 +46,25 @@ pub(super) unsafe fn key_dot(
 ) {
     let (codes, out) = (codes.as_ptr(), out.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
+    // All channels of a 64-wide head (KIVI keys): constant line counts, unrolled.
+    if (head_dim, c0, c1) == (64, 0, 64) {
+        return by_rows!(
+            w.rows,
+            key_dot_rows_64,
+            codes,
+            tiles,
+            head_dim,
+            bits,
+            c0,
+            c1,
+            w,
+            out,
+            out_stride
+        );
+    }
     by_rows!(
         w.rows,
-        key_dot_rows,
+        key_dot_rows_any,
         codes,
         tiles,
         head_dim,
@@ -63,7 +79,7 @@ pub(super) unsafe fn key_dot(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn key_dot_rows<const R: usize>(
+unsafe fn key_dot_rows_any<const R: usize>(
     codes: *const u8,
     tiles: usize,
     d: usize,
@@ -74,6 +90,40 @@ unsafe fn key_dot_rows<const R: usize>(
     out: *mut i32,
     out_stride: usize,
 ) {
+    key_dot_rows::<R, 0>(codes, tiles, d, bits, c0, c1, w, out, out_stride)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_dot_rows_64<const R: usize>(
+    codes: *const u8,
+    tiles: usize,
+    d: usize,
+    bits: u8,
+    c0: usize,
+    c1: usize,
+    w: KeyWeights,
+    out: *mut i32,
+    out_stride: usize,
+) {
+    key_dot_rows::<R, 64>(codes, tiles, d, bits, c0, c1, w, out, out_stride)
+}
+
+/// `D` > 0: `d` is `D` and the channels are all of them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_dot_rows<const R: usize, const D: usize>(
+    codes: *const u8,
+    tiles: usize,
+    d: usize,
+    bits: u8,
+    c0: usize,
+    c1: usize,
+    w: KeyWeights,
+    out: *mut i32,
+    out_stride: usize,
+) {
+    let (d, c0, c1) = if D > 0 { (D, 0, D) } else { (d, c0, c1) };
     let tile_bytes = key_tile_bytes(d, bits);
     for tile in 0..tiles {
         let base = codes.add(tile * tile_bytes);
