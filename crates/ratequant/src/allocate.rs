@@ -208,8 +208,7 @@ fn dp(elements: &[u64], costs: &[f64], allowed: &BitList, extra: u64) -> Result<
         let new_reach = (reach as u64 + m[i] * d_max).min(limit) as usize;
         next[..=new_reach].fill(f64::INFINITY);
         let choice_row = &mut choice[i * states..(i + 1) * states];
-        for s in 0..=reach {
-            let base = best[s];
+        for (s, &base) in best[..=reach].iter().enumerate() {
             if base == f64::INFINITY {
                 continue;
             }

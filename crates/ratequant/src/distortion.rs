@@ -87,13 +87,12 @@ impl UnitTiles {
         }
         match &self.importance {
             None => {}
-            Some(UnitImportance::PerUnit(w)) => {
-                if !(w.is_finite() && *w >= 0.0) {
-                    return Err(Error::invalid(format!(
-                        "{label}: importance {w} must be finite and non-negative"
-                    )));
-                }
+            Some(UnitImportance::PerUnit(w)) if !(w.is_finite() && *w >= 0.0) => {
+                return Err(Error::invalid(format!(
+                    "{label}: importance {w} must be finite and non-negative"
+                )));
             }
+            Some(UnitImportance::PerUnit(_)) => {}
             Some(UnitImportance::PerElement(imp)) => {
                 if imp.len() != self.tiles.len() {
                     return Err(Error::invalid(format!(

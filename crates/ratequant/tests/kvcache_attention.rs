@@ -247,7 +247,10 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn data(m: &Model, tokens: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+/// Per layer: queries, keys, values.
+type Qkv = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+fn data(m: &Model, tokens: usize, seed: u64) -> Qkv {
     let mut rng = Rng(seed);
     let d = m.shape.head_dim;
     let q = (0..m.shape.layers)
