@@ -467,7 +467,7 @@ unsafe fn key_block_weights_d<const C: usize>(
 /// the sum of the lanes of `v[j]`. 15 shuffle pairs instead of 16 separate reductions' 64,
 /// and no scalar dependency chain per vector. Sums add in a fixed tree order.
 #[inline(always)]
-unsafe fn reduce16<const MAX: bool>(v: &[__m512; 16]) -> __m512 {
+pub(crate) unsafe fn reduce16<const MAX: bool>(v: &[__m512; 16]) -> __m512 {
     let op = |a: __m512, b: __m512| {
         if MAX {
             _mm512_max_ps(a, b)

@@ -28,6 +28,9 @@ mod simd;
 mod int8_avx2;
 #[cfg(target_arch = "x86_64")]
 mod int8_avx512;
+/// Sixteen horizontal sums or maxima at once (AVX-512), for the dense baseline too.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use int8_avx512::reduce16;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
