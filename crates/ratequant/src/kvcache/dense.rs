@@ -23,7 +23,11 @@ pub trait DenseElement: Copy + Send + Sync + 'static {
     fn as_f32_rows<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
     /// Scratch floats a block of `n` values needs for [`DenseElement::as_f32_rows`].
     fn scratch(n: usize) -> usize;
-    /// Sixteen values from `p` as f32 (AVX-512 F; F16C for f16).
+    /// Sixteen values from `p` as f32.
+    ///
+    /// # Safety
+    /// AVX-512 F (and F16C for f16) must be available, and `p` must point to 16 readable
+    /// values.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
@@ -221,6 +225,8 @@ impl<T: DenseElement> DenseLayerCache<T> {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
+    // Indexing the register arrays by row and token keeps the blocking readable.
+    #[allow(clippy::needless_range_loop)]
     fn task_avx512_rows<const R: usize>(
         &self,
         h: usize,
