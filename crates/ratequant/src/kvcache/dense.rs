@@ -292,7 +292,7 @@ impl<T: DenseElement> DenseLayerCache<T> {
             let mut acc = [[_mm512_setzero_ps(); 4]; R];
             for t in a..b {
                 let v = values.add(t * D);
-                if (t - a) % 16 == 0 {
+                if (t - a).is_multiple_of(16) {
                     attention::prefetch_ahead(v as *const u8, 16 * row_bytes);
                 }
                 let vv = [
