@@ -144,7 +144,8 @@ fn features_change_the_output() {
             .unwrap()
     };
     let reference = run(&base);
-    let variants: Vec<(&str, Box<dyn Fn(&mut ModelConfig)>)> = vec![
+    type Variant = (&'static str, Box<dyn Fn(&mut ModelConfig)>);
+    let variants: Vec<Variant> = vec![
         (
             "rope layout",
             Box::new(|c: &mut ModelConfig| c.rope_layout = RopeLayout::Adjacent),
