@@ -281,13 +281,7 @@ impl<T: DenseElement> DenseLayerCache<T> {
                 }
                 t0 += n;
             }
-            let softmax: Vec<SoftmaxPart> = scores
-                .chunks_exact_mut(len)
-                .map(|row| {
-                    let (max, sum) = attention::softmax_block(Isa::Avx512, row);
-                    SoftmaxPart { max, sum }
-                })
-                .collect();
+            let softmax = attention::softmax_rows(Isa::Avx512, &mut scores, len);
             // Values: the rows' sums in registers, one widened value row per token.
             let mut acc = [[_mm512_setzero_ps(); 4]; R];
             for t in a..b {
@@ -349,13 +343,7 @@ impl<T: DenseElement> DenseLayerCache<T> {
             }
             t0 = t1;
         }
-        let softmax: Vec<SoftmaxPart> = scores
-            .chunks_exact_mut(len)
-            .map(|row| {
-                let (max, sum) = attention::softmax_block(isa, row);
-                SoftmaxPart { max, sum }
-            })
-            .collect();
+        let softmax = attention::softmax_rows(isa, &mut scores, len);
         let mut acc = vec![0.0f32; rows * d];
         let mut t0 = a;
         while t0 < b {

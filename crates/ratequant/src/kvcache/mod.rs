@@ -1000,13 +1000,7 @@ fn run_task<const F16C: bool>(
                 attention::dot_with::<F16C>(&prep.q[r * d..(r + 1) * d], row);
         }
     }
-    let softmax: Vec<SoftmaxPart> = scores
-        .chunks_exact_mut(len)
-        .map(|row| {
-            let (max, sum) = attention::softmax_block(isa, row);
-            SoftmaxPart { max, sum }
-        })
-        .collect();
+    let softmax = attention::softmax_rows(isa, scores, len);
     let mut acc_q = vec![0.0f32; rows * d];
     let value = &view.value.core;
     let vq = value.layout.quantized_len(p + 1, residual);

@@ -388,6 +388,18 @@ pub fn softmax_block(isa: Isa, scores: &mut [f32]) -> (f32, f32) {
     softmax_block_generic(scores)
 }
 
+/// [`softmax_block`] of each `len`-long row of `scores` (one row per query), in place.
+#[inline(always)]
+pub fn softmax_rows(isa: Isa, scores: &mut [f32], len: usize) -> Vec<SoftmaxPart> {
+    scores
+        .chunks_exact_mut(len)
+        .map(|row| {
+            let (max, sum) = softmax_block(isa, row);
+            SoftmaxPart { max, sum }
+        })
+        .collect()
+}
+
 /// Lanes of the softmax's running maxima and sums: one AVX-512 vector, two AVX2 vectors.
 pub(super) const SOFTMAX_LANES: usize = 16;
 
