@@ -205,7 +205,8 @@ impl Kernels {
                 Kernels::AvxVnni => {
                     Kernels::Avx2.is_available() && is_x86_feature_detected!("avxvnni")
                 }
-                Kernels::Avx512Vnni => vnni_available(),
+                // F16C for the AVX-512 weight builders.
+                Kernels::Avx512Vnni => vnni_available() && is_x86_feature_detected!("f16c"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -490,7 +491,7 @@ pub fn value_accumulate(
 pub fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f32 {
     assert!(hi.len() >= x.len() && lo.as_ref().is_none_or(|l| l.len() >= x.len()));
     #[cfg(target_arch = "x86_64")]
-    if vnni_available_cached() {
+    if checked(Kernels::Avx512Vnni) == Kernels::Avx512Vnni {
         // SAFETY: AVX-512 F/BW detected; lengths asserted.
         return unsafe { super::int8_avx512::quantize_i8(x, hi, lo) };
     }
@@ -562,7 +563,7 @@ pub fn key_block_weights(
     assert!(sigma.len() >= blocks * rows && bias.len() >= blocks * rows);
     #[cfg(target_arch = "x86_64")]
     match checked(kernels) {
-        Kernels::Avx512Vnni if vnni_available_cached() && d.is_multiple_of(32) => {
+        Kernels::Avx512Vnni if d.is_multiple_of(32) => {
             // SAFETY: AVX-512 F/BW/VL and F16C detected; lengths asserted, `d` as it requires.
             return unsafe {
                 super::int8_avx512::key_block_weights(q, rows, s, z, blocks, split, w8, sigma, bias)
@@ -650,7 +651,7 @@ pub fn value_weights(
         .is_none_or(|l| l.len() >= rows * nt * VALUE_TILE_TOKENS));
     #[cfg(target_arch = "x86_64")]
     match checked(kernels) {
-        Kernels::Avx512Vnni if vnni_available_cached() && rows <= 16 => {
+        Kernels::Avx512Vnni if rows <= 16 => {
             // SAFETY: AVX-512 F/BW and F16C detected; lengths asserted, rows as it requires.
             return unsafe {
                 super::int8_avx512::value_weights(
@@ -737,14 +738,6 @@ fn checked(kernels: Kernels) -> Kernels {
     } else {
         Kernels::Scalar
     }
-}
-
-/// [`vnni_available`] and F16C (which the AVX-512 weight builders also use), asked once:
-/// the kernels and weight builders dispatch on it per call.
-#[cfg(target_arch = "x86_64")]
-fn vnni_available_cached() -> bool {
-    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VNNI.get_or_init(|| vnni_available() && is_x86_feature_detected!("f16c"))
 }
 
 #[cfg(test)]
