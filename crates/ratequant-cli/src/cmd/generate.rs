@@ -275,12 +275,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         RunCache::Packed(c) => Some(c.inner().kernel_isa()),
         _ => None,
     };
-    if let RunCache::Packed(c) = &cache {
-        if c.inner().kernel() == AttentionKernel::Int8 && c.inner().kernel_isa() == "scalar" {
-            eprintln!(
-                "note: this CPU lacks AVX2, so --attention int8 runs its scalar reference (slow); use --attention float"
-            );
-        }
+    if args.attention == AttentionKernel::Int8 && attention_isa == Some("scalar") {
+        eprintln!(
+            "note: this CPU lacks AVX2, so --attention int8 runs its scalar reference (slow); use --attention float"
+        );
     }
 
     let source = model.source.clone();
