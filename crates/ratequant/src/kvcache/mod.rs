@@ -681,11 +681,27 @@ thread_local! {
 /// Why not `par_iter`: a decode step is a few hundred microseconds, and handing all of it to
 /// the pool costs two thread wake-ups on its critical path (the workers at the start, the
 /// blocked caller at the end; measured at 11 and 34 µs of a 290 µs step on a 2-core VM).
-/// Here the caller starts at once (the helpers' wake-up overlaps its first tasks) and, when
-/// the counter runs out, spins for the last task instead of sleeping.
+/// Here a calling pool worker starts at once (the helpers' wake-up overlaps its first tasks)
+/// and, when the counter runs out, spins for the last task instead of sleeping.
+///
+/// Why a caller from outside the pool hands the step to the pool all the same: it is one
+/// more thread than there are cores, and the OS now and then put the helper on the caller's
+/// core and left it there for the whole step, so one core did all the work (10–19 of 41
+/// cold steps at 16K tokens took 1.9× as long; none do from inside the pool). Commands and
+/// benchmarks that take many steps run on a pool worker to save the two wake-ups.
 fn run_tasks<T: Send + Sync>(n: usize, f: impl Fn(usize, &mut TaskScratch) -> T + Sync) -> Vec<T> {
+    if n > 1 && rayon::current_thread_index().is_none() {
+        return rayon::scope(|_| run_tasks_on_worker(n, &f));
+    }
+    run_tasks_on_worker(n, &f)
+}
+
+fn run_tasks_on_worker<T: Send + Sync>(
+    n: usize,
+    f: &(impl Fn(usize, &mut TaskScratch) -> T + Sync),
+) -> Vec<T> {
     let slots: Vec<OnceLock<T>> = (0..n).map(|_| OnceLock::new()).collect();
-    // The caller takes one of the pool's share of cores, worker or not.
+    // The caller takes one of the pool's share of cores.
     let helpers = (rayon::current_num_threads() - 1).min(n.saturating_sub(1));
     // One lane of consecutive tasks per thread, claimed in order, then the others' leftovers.
     let lanes = helpers + 1;
