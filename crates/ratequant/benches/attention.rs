@@ -376,16 +376,19 @@ fn decode_attention(c: &mut Criterion) {
         // and the pool without bringing much data back into the caches.
         let previous = build(256);
         for (name, cache) in &caches {
+            // On a pool worker, as `ratequant` runs its commands (see the summary below).
             group.bench_with_input(BenchmarkId::new(name, tokens), cache, |b, cache| {
-                if warm_only {
-                    b.iter(|| black_box(cache.step(&q, &params)))
-                } else {
-                    b.iter_batched(
-                        || black_box(evict(&l2_evictor)),
-                        |_| black_box(cache.step(&q, &params)),
-                        criterion::BatchSize::PerIteration,
-                    )
-                }
+                rayon::scope(|_| {
+                    if warm_only {
+                        b.iter(|| black_box(cache.step(&q, &params)))
+                    } else {
+                        b.iter_batched(
+                            || black_box(evict(&l2_evictor)),
+                            |_| black_box(cache.step(&q, &params)),
+                            criterion::BatchSize::PerIteration,
+                        )
+                    }
+                })
             });
         }
         let only = std::env::var("RATEQUANT_BENCH_CACHES").ok();

@@ -36,10 +36,12 @@ fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     &mut v[..n]
 }
 
-/// Scores of quantized positions `a..e` into `scores[r·len + pos − a]` (tiled keys).
+/// Scores of quantized positions `a..e` into `scores[r·len + pos − a]` (tiled keys). For
+/// per-channel keys over whole blocks, returns each row's largest score too (the kernel
+/// finds it on the way).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn key_scores<const F16C: bool>(
+pub(super) fn key_scores<'s, const F16C: bool>(
     kernels: int8::Kernels,
     key: &KeyStore,
     prep: &QueryPrep,
@@ -47,8 +49,8 @@ pub(super) fn key_scores<const F16C: bool>(
     e: usize,
     scores: &mut [f32],
     len: usize,
-    scratch: &mut GlueScratch,
-) {
+    scratch: &'s mut GlueScratch,
+) -> Option<&'s [f32]> {
     let core = &key.core;
     let (d, bits, rows) = (core.head_dim, core.bits, prep.rows);
     let g_tokens = key.block_tokens;
@@ -72,9 +74,9 @@ pub(super) fn key_scores<const F16C: bool>(
         bias,
         s,
         z,
+        max,
         ..
     } = scratch;
-    let sums = take(sums, q_rows * n);
     if core.layout.per_channel {
         // Every block's weights first (one pass over the scales), then one kernel call over
         // all tiles, each block reading its own weights.
@@ -101,6 +103,22 @@ pub(super) fn key_scores<const F16C: bool>(
             block_tiles,
             block_stride: q_rows * d,
         };
+        if skip == 0 && n == e - a {
+            // Whole blocks (every task but one that starts inside a block): the kernel
+            // turns the sums into scores while they are in registers.
+            let scales = int8::KeyScoreScales {
+                sigma,
+                bias,
+                rows,
+                lo_scale: split.then_some(LO),
+            };
+            let max = take(max, rows);
+            int8::key_scores(
+                kernels, codes, tiles, d, bits, weights, scales, scores, len, max, sums,
+            );
+            return Some(max);
+        }
+        let sums = take(sums, q_rows * n);
         int8::key_dot(kernels, codes, tiles, d, bits, 0..d, weights, sums, n);
         // Block by block, so each inner loop is one scale and bias over contiguous sums.
         for j in 0..nb {
@@ -127,8 +145,9 @@ pub(super) fn key_scores<const F16C: bool>(
                 }
             }
         }
-        return;
+        return None;
     }
+    let sums = take(sums, q_rows * n);
     let q8 = take(w8, q_rows * d);
     let sigma = take(sigma, rows);
     for (r, row) in prep.q_packed.chunks_exact(d).enumerate() {
@@ -164,6 +183,7 @@ pub(super) fn key_scores<const F16C: bool>(
             }
         }
     }
+    None
 }
 
 /// Accumulates `Σ_pos p[r][pos]·v[pos]` over quantized positions `a..e` into `acc`

@@ -920,6 +920,8 @@ struct GlueScratch {
     sums: Vec<i32>,
     w8: Vec<i8>,
     sigma: Vec<f32>,
+    /// Integer kernels: each row's largest key score.
+    max: Vec<f32>,
 }
 
 struct TaskOut {

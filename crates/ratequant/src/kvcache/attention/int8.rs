@@ -286,6 +286,36 @@ impl<'a> KeyWeights<'a> {
     }
 }
 
+/// The bounds every key kernel relies on (`rows` and `tiles` nonzero).
+fn key_dot_checks(
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    channels: Range<usize>,
+    w: &KeyWeights,
+) {
+    assert!(
+        (1..=8).contains(&bits),
+        "key_dot: bits {bits} outside 1..=8"
+    );
+    assert!(
+        channels.start.is_multiple_of(32)
+            && (channels.end.is_multiple_of(32) || channels.end == head_dim)
+            && channels.end <= head_dim,
+        "key_dot: channels {channels:?} not aligned to lines"
+    );
+    assert!(
+        codes.len() >= tiles * key_tile_bytes(head_dim, bits),
+        "key_dot: codes too short"
+    );
+    assert!(w.block_tiles > 0, "key_dot: zero tiles per weight block");
+    assert!(
+        w.q.len() >= w.at(tiles - 1) + (w.rows - 1) * w.stride + channels.end,
+        "key_dot: query too short"
+    );
+}
+
 /// Key scores in integers: for `tiles` consecutive key tiles at `codes` and `r < w.rows`,
 /// `out[r·out_stride + 16·tile + t] = Σ_{c ∈ channels} q_tile[r·stride + c] · code(tile, t, c)`
 /// with the tile's weights `q_tile` as [`KeyWeights`] places them. `channels` must start and
@@ -306,25 +336,7 @@ pub fn key_dot(
     if rows == 0 || tiles == 0 {
         return;
     }
-    assert!(
-        (1..=8).contains(&bits),
-        "key_dot: bits {bits} outside 1..=8"
-    );
-    assert!(
-        channels.start.is_multiple_of(32)
-            && (channels.end.is_multiple_of(32) || channels.end == head_dim)
-            && channels.end <= head_dim,
-        "key_dot: channels {channels:?} not aligned to lines"
-    );
-    assert!(
-        codes.len() >= tiles * key_tile_bytes(head_dim, bits),
-        "key_dot: codes too short"
-    );
-    assert!(w.block_tiles > 0, "key_dot: zero tiles per weight block");
-    assert!(
-        w.q.len() >= w.at(tiles - 1) + (rows - 1) * w.stride + channels.end,
-        "key_dot: query too short"
-    );
+    key_dot_checks(codes, tiles, head_dim, bits, channels.clone(), &w);
     assert!(
         out.len() >= (rows - 1) * out_stride + tiles * KEY_TILE_TOKENS,
         "key_dot: output too short"
@@ -375,6 +387,100 @@ pub fn key_dot(
                 }
             }
         }
+    }
+}
+
+/// The float step of per-channel key scores ([`key_scores`]), per weight block `j` and query
+/// row `r < rows`: `score = h·σ + b` with `σ = sigma[j·rows + r]`, `b = bias[j·rows + r]` and
+/// `h` the integer sum of row `r`; with `lo_scale`, the weights are split (rows `rows..2·rows`
+/// hold the `lo` parts, sum `l`) and `score = h·σ + (l·(σ·lo_scale) + b)`. Each step one
+/// fused multiply-add, as the glue's definition.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyScoreScales<'a> {
+    pub sigma: &'a [f32],
+    pub bias: &'a [f32],
+    pub rows: usize,
+    pub lo_scale: Option<f32>,
+}
+
+impl KeyScoreScales<'_> {
+    /// Row `r`'s score from its integer sums `h` (and `l`) in block `j`.
+    #[inline(always)]
+    pub(super) fn score(&self, j: usize, r: usize, h: i32, l: i32) -> f32 {
+        let (sig, b) = (self.sigma[j * self.rows + r], self.bias[j * self.rows + r]);
+        match self.lo_scale {
+            Some(lo) => (h as f32).mul_add(sig, (l as f32).mul_add(sig * lo, b)),
+            None => (h as f32).mul_add(sig, b),
+        }
+    }
+}
+
+/// Per-channel key scores in f32 over all channels of `tiles` consecutive key tiles:
+/// `out[r·out_stride + 16·tile + t]` is [`KeyScoreScales`]'s score of the [`key_dot`] sums of
+/// the tile's weight block (`tile / w.block_tiles`), for `r < scales.rows`; `max[r]` becomes
+/// the largest of row `r`'s scores. `w.rows` must be `scales.rows` (doubled when split).
+/// Defined as [`key_dot`] into `sums` (`w.rows × 16·tiles`, scratch), then the float step;
+/// the AVX-512 version applies the float step to each tile's sums while they are in registers
+/// (the same bits).
+#[allow(clippy::too_many_arguments)]
+pub fn key_scores(
+    kernels: Kernels,
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    w: KeyWeights,
+    scales: KeyScoreScales,
+    out: &mut [f32],
+    out_stride: usize,
+    max: &mut [f32],
+    sums: &mut Vec<i32>,
+) {
+    let rows = scales.rows;
+    assert_eq!(
+        w.rows,
+        if scales.lo_scale.is_some() { 2 * rows } else { rows },
+        "key_scores: weight rows against score rows"
+    );
+    assert!(max.len() >= rows, "key_scores: max too short");
+    if rows == 0 || tiles == 0 {
+        max[..rows].fill(f32::NEG_INFINITY);
+        return;
+    }
+    let blocks = (tiles - 1) / w.block_tiles + 1;
+    assert!(
+        scales.sigma.len() >= blocks * rows && scales.bias.len() >= blocks * rows,
+        "key_scores: scales too short"
+    );
+    assert!(
+        out.len() >= (rows - 1) * out_stride + tiles * KEY_TILE_TOKENS,
+        "key_scores: output too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if checked(kernels) == Kernels::Avx512Vnni && w.rows <= super::MAX_ROWS {
+        key_dot_checks(codes, tiles, head_dim, bits, 0..head_dim, &w);
+        // SAFETY: features checked by `checked`; bounds asserted above and by the checks.
+        unsafe {
+            super::int8_avx512::key_scores(
+                codes, tiles, head_dim, bits, w, scales, out, out_stride, max,
+            )
+        };
+        return;
+    }
+    let n = tiles * KEY_TILE_TOKENS;
+    sums.clear();
+    sums.resize(w.rows * n, 0);
+    key_dot(kernels, codes, tiles, head_dim, bits, 0..head_dim, w, sums, n);
+    for r in 0..rows {
+        let mut m = f32::NEG_INFINITY;
+        for i in 0..n {
+            let j = i / KEY_TILE_TOKENS / w.block_tiles;
+            let l = if scales.lo_scale.is_some() { sums[(rows + r) * n + i] } else { 0 };
+            let x = scales.score(j, r, sums[r * n + i], l);
+            out[r * out_stride + i] = x;
+            m = if x > m { x } else { m };
+        }
+        max[r] = m;
     }
 }
 

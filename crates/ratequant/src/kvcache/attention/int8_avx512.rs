@@ -11,7 +11,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::int8::{
-    key_tile_bytes, planes, value_tile_bytes, KeyWeights, KEY_TILE_TOKENS, VALUE_TILE_TOKENS,
+    key_tile_bytes, planes, value_tile_bytes, KeyScoreScales, KeyWeights, KEY_TILE_TOKENS,
+    VALUE_TILE_TOKENS,
 };
 use super::prefetch_ahead;
 
@@ -90,7 +91,7 @@ unsafe fn key_dot_rows_any<const R: usize>(
     out: *mut i32,
     out_stride: usize,
 ) {
-    key_dot_rows::<R, 0>(codes, tiles, d, bits, c0, c1, w, out, out_stride)
+    key_dot_rows::<R, 0>(codes, tiles, d, bits, c0, c1, w, store_sums(out, out_stride))
 }
 
 #[inline(always)]
@@ -106,9 +107,26 @@ unsafe fn key_dot_rows_64<const R: usize>(
     out: *mut i32,
     out_stride: usize,
 ) {
-    key_dot_rows::<R, 64>(codes, tiles, d, bits, c0, c1, w, out, out_stride)
+    key_dot_rows::<R, 64>(codes, tiles, d, bits, c0, c1, w, store_sums(out, out_stride))
 }
 
+/// The plain key kernel's end of a tile: its sums to `out`.
+#[inline(always)]
+unsafe fn store_sums<const R: usize>(
+    out: *mut i32,
+    out_stride: usize,
+) -> impl FnMut(usize, &[__m512i; R]) {
+    move |tile, total| {
+        for (r, t) in total.iter().enumerate() {
+            _mm512_storeu_si512(
+                out.add(r * out_stride + tile * KEY_TILE_TOKENS) as *mut _,
+                *t,
+            );
+        }
+    }
+}
+
+/// The integer sums of each tile over channels `c0..c1`, handed to `end(tile, sums)`.
 /// `D` > 0: `d` is `D` and the channels are all of them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -120,8 +138,7 @@ unsafe fn key_dot_rows<const R: usize, const D: usize>(
     c0: usize,
     c1: usize,
     w: KeyWeights,
-    out: *mut i32,
-    out_stride: usize,
+    mut end: impl FnMut(usize, &[__m512i; R]),
 ) {
     let (d, c0, c1) = if D > 0 { (D, 0, D) } else { (d, c0, c1) };
     let tile_bytes = key_tile_bytes(d, bits);
@@ -135,12 +152,128 @@ unsafe fn key_dot_rows<const R: usize, const D: usize>(
             let sums = plane_dot_any::<R>(pw, panel, c0, c1, q, w.stride);
             add_shifted(&mut total, &sums, off);
         }
-        for (r, t) in total.iter().enumerate() {
-            _mm512_storeu_si512(
-                out.add(r * out_stride + tile * KEY_TILE_TOKENS) as *mut _,
-                *t,
-            );
+        end(tile, &total);
+    }
+}
+
+/// See [`super::int8::key_scores`]; `w.rows ≤ 8`, bounds checked by the caller.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn key_scores(
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    w: KeyWeights,
+    scales: KeyScoreScales,
+    out: &mut [f32],
+    out_stride: usize,
+    max: &mut [f32],
+) {
+    let (codes, out) = (codes.as_ptr(), out.as_mut_ptr());
+    if head_dim == 64 {
+        return by_rows!(
+            w.rows,
+            key_scores_rows,
+            codes,
+            tiles,
+            head_dim,
+            bits,
+            w,
+            scales,
+            out,
+            out_stride,
+            max
+        );
+    }
+    by_rows!(
+        w.rows,
+        key_scores_rows_any,
+        codes,
+        tiles,
+        head_dim,
+        bits,
+        w,
+        scales,
+        out,
+        out_stride,
+        max
+    )
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_scores_rows_any<const R: usize>(
+    codes: *const u8,
+    tiles: usize,
+    d: usize,
+    bits: u8,
+    w: KeyWeights,
+    scales: KeyScoreScales,
+    out: *mut f32,
+    out_stride: usize,
+    max: &mut [f32],
+) {
+    key_scores_d::<R, 0>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_scores_rows<const R: usize>(
+    codes: *const u8,
+    tiles: usize,
+    d: usize,
+    bits: u8,
+    w: KeyWeights,
+    scales: KeyScoreScales,
+    out: *mut f32,
+    out_stride: usize,
+    max: &mut [f32],
+) {
+    key_scores_d::<R, 64>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+}
+
+/// [`key_scores`] with `R` weight rows: each tile's sums go through the float step in
+/// registers, and the rows' maxima are kept 16 lanes wide until the end.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_scores_d<const R: usize, const D: usize>(
+    codes: *const u8,
+    tiles: usize,
+    d: usize,
+    bits: u8,
+    w: KeyWeights,
+    scales: KeyScoreScales,
+    out: *mut f32,
+    out_stride: usize,
+    max: &mut [f32],
+) {
+    let rows = scales.rows;
+    let mut maxes = [_mm512_set1_ps(f32::NEG_INFINITY); R];
+    let (sigma, bias) = (scales.sigma.as_ptr(), scales.bias.as_ptr());
+    let block_tiles = w.block_tiles;
+    let end = |tile: usize, total: &[__m512i; R]| {
+        let j = tile / block_tiles;
+        for r in 0..rows.min(R) {
+            let at = j * rows + r;
+            let (sig, b) = (*sigma.add(at), _mm512_set1_ps(*bias.add(at)));
+            let h = _mm512_cvtepi32_ps(total[r]);
+            let x = match scales.lo_scale {
+                // The lo rows follow the hi rows: row `rows + r` < R.
+                Some(lo) if rows + r < R => {
+                    let l = _mm512_cvtepi32_ps(total[rows + r]);
+                    let inner = _mm512_fmadd_ps(l, _mm512_set1_ps(sig * lo), b);
+                    _mm512_fmadd_ps(h, _mm512_set1_ps(sig), inner)
+                }
+                _ => _mm512_fmadd_ps(h, _mm512_set1_ps(sig), b),
+            };
+            _mm512_storeu_ps(out.add(r * out_stride + tile * KEY_TILE_TOKENS), x);
+            maxes[r] = _mm512_max_ps(x, maxes[r]);
         }
+    };
+    key_dot_rows::<R, D>(codes, tiles, d, bits, 0, d, w, end);
+    for r in 0..rows.min(R) {
+        max[r] = _mm512_reduce_max_ps(maxes[r]);
     }
 }
 
