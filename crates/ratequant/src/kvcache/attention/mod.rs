@@ -49,9 +49,15 @@ pub(crate) const PREFETCH_AHEAD: usize = 2048;
 /// never faults, so the address may lie past the end of the data.
 #[inline(always)]
 pub(crate) fn prefetch_ahead(p: *const u8, bytes: usize) {
+    prefetch_ahead_by::<PREFETCH_AHEAD>(p, bytes)
+}
+
+/// [`prefetch_ahead`] at `AHEAD` bytes ahead.
+#[inline(always)]
+pub(crate) fn prefetch_ahead_by<const AHEAD: usize>(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let p = p.wrapping_add(PREFETCH_AHEAD);
+        let p = p.wrapping_add(AHEAD);
         for line in (0..bytes).step_by(64) {
             // SAFETY: prefetching has no architectural effect and cannot fault; SSE is part
             // of x86_64.
