@@ -340,7 +340,10 @@ impl<T: DenseElement> DenseLayerCache<T> {
         while t0 < b {
             let t1 = (t0 + F16_SUB_BLOCK).min(b);
             let rows_bytes = (t1 - t0) * d * std::mem::size_of::<T>();
-            attention::prefetch_ahead_by::<PREFETCH_AHEAD>(keys[t0 * d..].as_ptr() as *const u8, rows_bytes);
+            attention::prefetch_ahead_by::<PREFETCH_AHEAD>(
+                keys[t0 * d..].as_ptr() as *const u8,
+                rows_bytes,
+            );
             let block = T::as_f32_rows(&keys[t0 * d..t1 * d], &mut buf);
             for (t, k) in block.chunks_exact(d).enumerate() {
                 for r in 0..rows {
@@ -355,7 +358,10 @@ impl<T: DenseElement> DenseLayerCache<T> {
         while t0 < b {
             let t1 = (t0 + F16_SUB_BLOCK).min(b);
             let rows_bytes = (t1 - t0) * d * std::mem::size_of::<T>();
-            attention::prefetch_ahead_by::<PREFETCH_AHEAD>(values[t0 * d..].as_ptr() as *const u8, rows_bytes);
+            attention::prefetch_ahead_by::<PREFETCH_AHEAD>(
+                values[t0 * d..].as_ptr() as *const u8,
+                rows_bytes,
+            );
             let block = T::as_f32_rows(&values[t0 * d..t1 * d], &mut buf);
             for (t, v) in block.chunks_exact(d).enumerate() {
                 for r in 0..rows {

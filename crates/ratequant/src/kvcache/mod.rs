@@ -1006,8 +1006,12 @@ fn run_task<const F16C: bool>(
     scores.resize(rows * len, 0.0);
     let kq = key.layout.quantized_len(p + 1, residual);
     let packed_end = b.min(kq);
+    // Each row's largest score, where the integer kernel found it for the packed positions.
+    let mut known_max = None;
     if a < packed_end && view.key.tiled {
-        int8_glue::key_scores::<F16C>(kernels, view.key, prep, a, packed_end, scores, len, glue);
+        known_max = int8_glue::key_scores::<F16C>(
+            kernels, view.key, prep, a, packed_end, scores, len, glue,
+        );
     } else if a < packed_end {
         packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, scores, len, glue);
     }
@@ -1018,7 +1022,21 @@ fn run_task<const F16C: bool>(
                 attention::dot_with::<F16C>(&prep.q[r * d..(r + 1) * d], row);
         }
     }
-    let softmax = attention::softmax_rows(isa, scores, len);
+    let softmax = match known_max {
+        Some(maxes) => {
+            // The residual positions' scores join the packed ones' maxima.
+            let maxes: Vec<f32> = (0..rows)
+                .map(|r| {
+                    let row = &scores[r * len..(r + 1) * len];
+                    row[packed_end - a..]
+                        .iter()
+                        .fold(maxes[r], |m, &x| if x > m { x } else { m })
+                })
+                .collect();
+            attention::softmax_rows_with_max(isa, scores, len, &maxes)
+        }
+        None => attention::softmax_rows(isa, scores, len),
+    };
     let mut acc_q = vec![0.0f32; rows * d];
     let value = &view.value.core;
     let vq = value.layout.quantized_len(p + 1, residual);

@@ -270,3 +270,10 @@ pub(super) unsafe fn value_accumulate(
 pub(super) unsafe fn softmax_block(scores: &mut [f32]) -> (f32, f32) {
     simd::softmax_block::<Avx2>(scores)
 }
+
+/// # Safety
+/// As [`softmax_block`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn softmax_exp(scores: &mut [f32], max: f32) -> f32 {
+    simd::softmax_exp::<Avx2>(scores, max)
+}

@@ -209,3 +209,10 @@ pub(super) unsafe fn value_accumulate(
 pub(super) unsafe fn softmax_block(scores: &mut [f32]) -> (f32, f32) {
     simd::softmax_block::<Avx512>(scores)
 }
+
+/// # Safety
+/// As [`softmax_block`].
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn softmax_exp(scores: &mut [f32], max: f32) -> f32 {
+    simd::softmax_exp::<Avx512>(scores, max)
+}

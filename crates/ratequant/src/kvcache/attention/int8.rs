@@ -439,7 +439,11 @@ pub fn key_scores(
     let rows = scales.rows;
     assert_eq!(
         w.rows,
-        if scales.lo_scale.is_some() { 2 * rows } else { rows },
+        if scales.lo_scale.is_some() {
+            2 * rows
+        } else {
+            rows
+        },
         "key_scores: weight rows against score rows"
     );
     assert!(max.len() >= rows, "key_scores: max too short");
@@ -470,12 +474,26 @@ pub fn key_scores(
     let n = tiles * KEY_TILE_TOKENS;
     sums.clear();
     sums.resize(w.rows * n, 0);
-    key_dot(kernels, codes, tiles, head_dim, bits, 0..head_dim, w, sums, n);
+    key_dot(
+        kernels,
+        codes,
+        tiles,
+        head_dim,
+        bits,
+        0..head_dim,
+        w,
+        sums,
+        n,
+    );
     for r in 0..rows {
         let mut m = f32::NEG_INFINITY;
         for i in 0..n {
             let j = i / KEY_TILE_TOKENS / w.block_tiles;
-            let l = if scales.lo_scale.is_some() { sums[(rows + r) * n + i] } else { 0 };
+            let l = if scales.lo_scale.is_some() {
+                sums[(rows + r) * n + i]
+            } else {
+                0
+            };
             let x = scales.score(j, r, sums[r * n + i], l);
             out[r * out_stride + i] = x;
             m = if x > m { x } else { m };
@@ -1006,6 +1024,91 @@ mod tests {
                             a, b,
                             "{level:?} key_dot bits {bits} rows {rows} channels {channels:?} {w:?}"
                         );
+                    }
+                }
+                // The f32 scores with their float step in the kernel: per block (here per
+                // tile) scales, plain and split (the lo rows after the hi rows).
+                let per_tile: Vec<i8> = (0..tiles)
+                    .flat_map(|t| q.iter().cycle().skip(t * d).take(rows * d).copied())
+                    .collect();
+                let w = KeyWeights {
+                    q: &per_tile,
+                    stride: d,
+                    rows,
+                    block_tiles: 1,
+                    block_stride: rows * d,
+                };
+                for split in [false, true] {
+                    if split && rows % 2 == 1 {
+                        continue;
+                    }
+                    let score_rows = if split { rows / 2 } else { rows };
+                    let sigma: Vec<f32> = (0..tiles * score_rows)
+                        .map(|_| (lcg(&mut seed) % 1000) as f32 * 1e-4 + 1e-3)
+                        .collect();
+                    let bias: Vec<f32> = (0..tiles * score_rows)
+                        .map(|_| (lcg(&mut seed) % 2001) as f32 * 1e-3 - 1.0)
+                        .collect();
+                    let scales = KeyScoreScales {
+                        sigma: &sigma,
+                        bias: &bias,
+                        rows: score_rows,
+                        lo_scale: split.then_some(1.0 / 254.0),
+                    };
+                    let n = tiles * KEY_TILE_TOKENS + 5;
+                    let mut sums = Vec::new();
+                    let mut out = [vec![0.0f32; score_rows * n], vec![0.0f32; score_rows * n]];
+                    let mut maxes = [vec![0.0f32; score_rows], vec![0.0f32; score_rows]];
+                    for (k, kernels) in [Kernels::Scalar, level].into_iter().enumerate() {
+                        key_scores(
+                            kernels,
+                            &kcodes,
+                            tiles,
+                            d,
+                            bits,
+                            w,
+                            scales,
+                            &mut out[k],
+                            n,
+                            &mut maxes[k],
+                            &mut sums,
+                        );
+                    }
+                    let what =
+                        format!("{level:?} key_scores bits {bits} rows {rows} split {split}");
+                    assert_eq!(out[0], out[1], "{what}");
+                    assert_eq!(maxes[0], maxes[1], "{what}");
+                    // The definition, from the integer sums.
+                    let t_n = tiles * KEY_TILE_TOKENS;
+                    let mut ints = vec![0i32; rows * t_n];
+                    key_dot(
+                        Kernels::Scalar,
+                        &kcodes,
+                        tiles,
+                        d,
+                        bits,
+                        0..d,
+                        w,
+                        &mut ints,
+                        t_n,
+                    );
+                    for r in 0..score_rows {
+                        for i in 0..t_n {
+                            let j = i / KEY_TILE_TOKENS;
+                            let (sig, b) = (sigma[j * score_rows + r], bias[j * score_rows + r]);
+                            let h = ints[r * t_n + i] as f32;
+                            let want = if split {
+                                let l = ints[(score_rows + r) * t_n + i] as f32;
+                                h.mul_add(sig, l.mul_add(sig * (1.0 / 254.0), b))
+                            } else {
+                                h.mul_add(sig, b)
+                            };
+                            assert_eq!(out[1][r * n + i].to_bits(), want.to_bits(), "{what}");
+                        }
+                        let row_max = out[1][r * n..r * n + t_n]
+                            .iter()
+                            .fold(f32::MIN, |m, &x| m.max(x));
+                        assert_eq!(maxes[1][r], row_max, "{what}");
                     }
                 }
                 let ws = tiles * VALUE_TILE_TOKENS;

@@ -91,7 +91,16 @@ unsafe fn key_dot_rows_any<const R: usize>(
     out: *mut i32,
     out_stride: usize,
 ) {
-    key_dot_rows::<R, 0>(codes, tiles, d, bits, c0, c1, w, store_sums(out, out_stride))
+    key_dot_rows::<R, 0>(
+        codes,
+        tiles,
+        d,
+        bits,
+        c0,
+        c1,
+        w,
+        store_sums(out, out_stride),
+    )
 }
 
 #[inline(always)]
@@ -107,7 +116,16 @@ unsafe fn key_dot_rows_64<const R: usize>(
     out: *mut i32,
     out_stride: usize,
 ) {
-    key_dot_rows::<R, 64>(codes, tiles, d, bits, c0, c1, w, store_sums(out, out_stride))
+    key_dot_rows::<R, 64>(
+        codes,
+        tiles,
+        d,
+        bits,
+        c0,
+        c1,
+        w,
+        store_sums(out, out_stride),
+    )
 }
 
 /// The plain key kernel's end of a tile: its sums to `out`.

@@ -406,6 +406,42 @@ pub fn softmax_rows(isa: Isa, scores: &mut [f32], len: usize) -> Vec<SoftmaxPart
         .collect()
 }
 
+/// [`softmax_rows`] given each row's maximum (as [`softmax_block`] would find it): one pass
+/// over the scores instead of two.
+#[inline(always)]
+pub fn softmax_rows_with_max(
+    isa: Isa,
+    scores: &mut [f32],
+    len: usize,
+    maxes: &[f32],
+) -> Vec<SoftmaxPart> {
+    scores
+        .chunks_exact_mut(len)
+        .zip(maxes)
+        .map(|(row, &max)| SoftmaxPart {
+            max,
+            sum: softmax_exp(isa, row, max),
+        })
+        .collect()
+}
+
+/// The second half of [`softmax_block`]: `exp(score − max)` in place and their sum, for the
+/// block's maximum `max`.
+pub fn softmax_exp(isa: Isa, scores: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && isa.is_available() {
+        // SAFETY: AVX-512 F is available.
+        return unsafe { avx512::softmax_exp(scores, max) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && isa.is_available() {
+        // SAFETY: AVX2/FMA are implied by both SIMD paths being available.
+        return unsafe { avx2::softmax_exp(scores, max) };
+    }
+    let _ = isa;
+    softmax_exp_generic(scores, max)
+}
+
 /// Lanes of the softmax's running maxima and sums: one AVX-512 vector, two AVX2 vectors.
 pub(super) const SOFTMAX_LANES: usize = 16;
 
@@ -428,6 +464,12 @@ fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
     if scores.is_empty() {
         return (max, 0.0);
     }
+    (max, softmax_exp_generic(scores, max))
+}
+
+#[inline(always)]
+fn softmax_exp_generic(scores: &mut [f32], max: f32) -> f32 {
+    const L: usize = SOFTMAX_LANES;
     let mut sums = [0.0f32; L];
     let mut chunks = scores.chunks_exact_mut(L);
     for chunk in &mut chunks {
@@ -440,7 +482,7 @@ fn softmax_block_generic(scores: &mut [f32]) -> (f32, f32) {
         *s = exp_f32(*s - max);
         sums[0] += *s;
     }
-    (max, sums.iter().sum())
+    sums.iter().sum()
 }
 
 /// `Σ_c a[c]·b[c]` with eight partial sums, so that it vectorises.

@@ -62,6 +62,18 @@ pub(super) unsafe fn softmax_block<S: Simd>(scores: &mut [f32]) -> (f32, f32) {
     if scores.is_empty() {
         return (max, 0.0);
     }
+    (max, softmax_exp::<S>(scores, max))
+}
+
+/// The second half of [`softmax_block`], given the block's maximum: `exp(score − max)` in
+/// place, and their sum.
+#[inline(always)]
+pub(super) unsafe fn softmax_exp<S: Simd>(scores: &mut [f32], max: f32) -> f32 {
+    const L: usize = super::SOFTMAX_LANES;
+    let per = L / S::LANES;
+    let whole = scores.len() / L * L;
+    let p = scores.as_mut_ptr();
+    let mut lanes = [0f32; L];
     let vmax = S::splat(&max);
     let mut sums = [S::zero(); 2];
     for i in (0..whole).step_by(L) {
@@ -79,7 +91,7 @@ pub(super) unsafe fn softmax_block<S: Simd>(scores: &mut [f32]) -> (f32, f32) {
         *s = super::exp_f32(*s - max);
         lanes[0] += *s;
     }
-    (max, lanes.iter().sum())
+    lanes.iter().sum()
 }
 
 /// Turns `LANES` consecutive `b`-bit codes into f32 lanes holding `code·2^shift[lane]`.
