@@ -103,9 +103,10 @@ pub(super) fn key_scores<'s, const F16C: bool>(
             block_tiles,
             block_stride: q_rows * d,
         };
-        if skip == 0 && n == e - a {
+        if skip == 0 && n == e - a && int8::key_scores_fused(kernels, q_rows) {
             // Whole blocks (every task but one that starts inside a block): the kernel
-            // turns the sums into scores while they are in registers.
+            // turns the sums into scores while they are in registers. (The other kernels'
+            // float step is the loop below, vectorized with the glue.)
             let scales = int8::KeyScoreScales {
                 sigma,
                 bias,

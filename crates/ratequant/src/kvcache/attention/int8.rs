@@ -415,6 +415,15 @@ impl KeyScoreScales<'_> {
     }
 }
 
+/// Whether [`key_scores`] applies its float step inside the kernel for `weight_rows` rows
+/// with `kernels` (AVX-512 VNNI, up to [`super::MAX_ROWS`] rows); elsewhere it is its
+/// definition, which a caller with its own vectorized float step need not use.
+pub fn key_scores_fused(kernels: Kernels, weight_rows: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && checked(kernels) == Kernels::Avx512Vnni
+        && weight_rows <= super::MAX_ROWS
+}
+
 /// Per-channel key scores in f32 over all channels of `tiles` consecutive key tiles:
 /// `out[r·out_stride + 16·tile + t]` is [`KeyScoreScales`]'s score of the [`key_dot`] sums of
 /// the tile's weight block (`tile / w.block_tiles`), for `r < scales.rows`; `max[r]` becomes
@@ -461,7 +470,7 @@ pub fn key_scores(
         "key_scores: output too short"
     );
     #[cfg(target_arch = "x86_64")]
-    if checked(kernels) == Kernels::Avx512Vnni && w.rows <= super::MAX_ROWS {
+    if key_scores_fused(kernels, w.rows) {
         key_dot_checks(codes, tiles, head_dim, bits, 0..head_dim, &w);
         // SAFETY: features checked by `checked`; bounds asserted above and by the checks.
         unsafe {
