@@ -164,12 +164,17 @@ unsafe fn key_dot_rows<const R: usize, const D: usize>(
         let base = codes.add(tile * tile_bytes);
         prefetch_ahead(base, tile_bytes);
         let q = w.q.as_ptr().add(w.at(tile));
-        let mut total = [_mm512_setzero_si512(); R];
-        for (pw, off) in planes(bits) {
-            let panel = base.add(2 * d * off as usize);
-            let sums = plane_dot_any::<R>(pw, panel, c0, c1, q, w.stride);
-            add_shifted(&mut total, &sums, off);
-        }
+        let total = if bits == 3 {
+            plane_dot_3::<R>(base, base.add(4 * d), c0, c1, q, w.stride)
+        } else {
+            let mut total = [_mm512_setzero_si512(); R];
+            for (pw, off) in planes(bits) {
+                let panel = base.add(2 * d * off as usize);
+                let sums = plane_dot_any::<R>(pw, panel, c0, c1, q, w.stride);
+                add_shifted(&mut total, &sums, off);
+            }
+            total
+        };
         end(tile, &total);
     }
 }
@@ -361,12 +366,17 @@ unsafe fn value_rows<const R: usize>(
         prefetch_ahead(first, 64 * (c1 / 16 - c0 / 16) * bits as usize);
         for lane_group in c0 / 16..c1 / 16 {
             let base = codes.add(tile * tile_bytes + 64 * lane_group * bits as usize);
-            let mut total = [_mm512_setzero_si512(); R];
-            for (pw, off) in planes(bits) {
-                let panel = base.add(64 * off as usize);
-                let sums = plane_dot_any::<R>(pw, panel, 0, VALUE_TILE_TOKENS, wt, w_stride);
-                add_shifted(&mut total, &sums, off);
-            }
+            let total = if bits == 3 {
+                plane_dot_3::<R>(base, base.add(128), 0, VALUE_TILE_TOKENS, wt, w_stride)
+            } else {
+                let mut total = [_mm512_setzero_si512(); R];
+                for (pw, off) in planes(bits) {
+                    let panel = base.add(64 * off as usize);
+                    let sums = plane_dot_any::<R>(pw, panel, 0, VALUE_TILE_TOKENS, wt, w_stride);
+                    add_shifted(&mut total, &sums, off);
+                }
+                total
+            };
             for r in 0..R {
                 let dst = acc.add(r * acc_stride + lane_group * 16);
                 let f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), s[r], _mm512_loadu_ps(dst));
@@ -462,6 +472,71 @@ unsafe fn plane_dot<const R: usize, const W: usize>(
             _mm512_sra_epi32(acc[1][r], _mm_cvtsi32_si128(W as i32))
         };
         out[r] = _mm512_add_epi32(acc[0][r], hi);
+    }
+    out
+}
+
+/// [`plane_dot`] of a 3-bit code, whose 2-bit plane (lines at `panel2`) and 1-bit plane
+/// (lines at `panel1`) are merged into whole 3-bit codes before the `vpdpbusd`s: one per
+/// 64 codes and row instead of two, for two extra operations per 64 codes (a shift and mask
+/// of the 1-bit plane, one `vpternlogd` to merge). As in [`plane_dot`], sub-planes go in
+/// pairs, the second kept in place (times 4, with its 1-bit part at bit 4) in accumulators
+/// of its own. `red0`, `red1` are multiples of 32 (whole 1-bit lines).
+#[inline(always)]
+unsafe fn plane_dot_3<const R: usize>(
+    panel2: *const u8,
+    panel1: *const u8,
+    red0: usize,
+    red1: usize,
+    weights: *const i8,
+    w_stride: usize,
+) -> [__m512i; R] {
+    let (m_lo, m_hi) = (_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0C));
+    let (b_lo, b_hi) = (_mm512_set1_epi8(0x04), _mm512_set1_epi8(0x10));
+    let mut acc = [[_mm512_setzero_si512(); R]; 2];
+    let dot = |acc: &mut [__m512i; R], x: __m512i, red: usize| {
+        for r in 0..R {
+            let four = (weights.add(r * w_stride + red) as *const i32).read_unaligned();
+            acc[r] = _mm512_dpbusd_epi32(acc[r], x, _mm512_set1_epi32(four));
+        }
+    };
+    // Bit `k` of a 1-bit byte moved to bit `to` (16-bit shifts: the bits that cross into
+    // the other byte are masked off, the wanted one stays in its byte).
+    let bit_to = |v: __m512i, k: i32, to: i32, mask: __m512i| {
+        let moved = if k >= to {
+            _mm512_srl_epi16(v, _mm_cvtsi32_si128(k - to))
+        } else {
+            _mm512_sll_epi16(v, _mm_cvtsi32_si128(to - k))
+        };
+        _mm512_and_si512(moved, mask)
+    };
+    // (a & c) | b: the 2-bit part under the mask, the placed 1-bit part beside it.
+    const A_AND_C_OR_B: i32 = 0xEC;
+    for line1 in red0 / 32..red1 / 32 {
+        let v1 = _mm512_loadu_si512(panel1.add(line1 * 64) as *const _);
+        for half in 0..2 {
+            let line2 = 2 * line1 + half;
+            let v2 = _mm512_loadu_si512(panel2.add(line2 * 64) as *const _);
+            for j in 0..2 {
+                let y = if j == 0 {
+                    v2
+                } else {
+                    _mm512_srl_epi16(v2, _mm_cvtsi32_si128(4))
+                };
+                // Sub-planes 2j, 2j + 1 of the 2-bit line are 1-bit sub-planes k, k + 1.
+                let k = (4 * half + 2 * j) as i32;
+                let lo = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(y, bit_to(v1, k, 2, b_lo), m_lo);
+                let hi =
+                    _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(y, bit_to(v1, k + 1, 4, b_hi), m_hi);
+                let red = line2 * 16 + 8 * j;
+                dot(&mut acc[0], lo, red);
+                dot(&mut acc[1], hi, red + 4);
+            }
+        }
+    }
+    let mut out = [_mm512_setzero_si512(); R];
+    for r in 0..R {
+        out[r] = _mm512_add_epi32(acc[0][r], _mm512_srai_epi32::<2>(acc[1][r]));
     }
     out
 }
