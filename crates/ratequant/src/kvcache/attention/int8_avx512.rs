@@ -319,9 +319,127 @@ pub(super) unsafe fn value_accumulate(
 ) {
     let (codes, w, scale, acc) = (codes.as_ptr(), w.as_ptr(), scale.as_ptr(), acc.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
+    // Up to 16 sums in registers: 4 rows of a 64-wide head, or of a 32-channel group.
+    if rows <= 4 && (c1 - c0 == 64 || c1 - c0 == 32) {
+        let lg4 = c1 - c0 == 64;
+        return match (rows, lg4) {
+            (1, true) => value_rows_lg4::<1>(
+                codes,
+                tiles,
+                head_dim,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            ),
+            (2, true) => value_rows_lg4::<2>(
+                codes,
+                tiles,
+                head_dim,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            ),
+            (3, true) => value_rows_lg4::<3>(
+                codes,
+                tiles,
+                head_dim,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            ),
+            (_, true) => value_rows_lg4::<4>(
+                codes,
+                tiles,
+                head_dim,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            ),
+            (1, false) => value_rows_lg2::<1>(
+                codes,
+                tiles,
+                head_dim,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            ),
+            (2, false) => value_rows_lg2::<2>(
+                codes,
+                tiles,
+                head_dim,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            ),
+            (3, false) => value_rows_lg2::<3>(
+                codes,
+                tiles,
+                head_dim,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            ),
+            (_, false) => value_rows_lg2::<4>(
+                codes,
+                tiles,
+                head_dim,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            ),
+        };
+    }
     by_rows!(
         rows,
-        value_rows,
+        value_rows_any,
         codes,
         tiles,
         head_dim,
@@ -337,9 +455,50 @@ pub(super) unsafe fn value_accumulate(
     )
 }
 
+macro_rules! value_rows_with {
+    ($name:ident, $lg:expr) => {
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const R: usize>(
+            codes: *const u8,
+            tiles: usize,
+            d: usize,
+            bits: u8,
+            c0: usize,
+            c1: usize,
+            w: *const i8,
+            w_stride: usize,
+            scale: *const f32,
+            scale_stride: usize,
+            acc: *mut f32,
+            acc_stride: usize,
+        ) {
+            value_rows::<R, $lg>(
+                codes,
+                tiles,
+                d,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                acc,
+                acc_stride,
+            )
+        }
+    };
+}
+value_rows_with!(value_rows_any, 0);
+value_rows_with!(value_rows_lg2, 2);
+value_rows_with!(value_rows_lg4, 4);
+
+/// `LG` > 0: the channels are `LG` lane groups, whose f32 sums stay in registers from the
+/// first tile to the last (the same operations in the same order as through `acc`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn value_rows<const R: usize>(
+unsafe fn value_rows<const R: usize, const LG: usize>(
     codes: *const u8,
     tiles: usize,
     d: usize,
@@ -354,8 +513,18 @@ unsafe fn value_rows<const R: usize>(
     acc_stride: usize,
 ) {
     // Tile by tile, so the codes stream in order (lane groups inside a tile are adjacent);
-    // the f32 sums live in `acc`, which stays in L1.
+    // the f32 sums live in registers (`LG` > 0) or in `acc`, which stays in L1.
     let tile_bytes = value_tile_bytes(d, bits);
+    let groups = c0 / 16..c1 / 16;
+    let mut sums = [[_mm512_setzero_ps(); 4]; R];
+    if LG > 0 {
+        debug_assert!(groups.len() == LG && LG <= 4);
+        for r in 0..R {
+            for g in 0..LG {
+                sums[r][g] = _mm512_loadu_ps(acc.add(r * acc_stride + c0 + 16 * g));
+            }
+        }
+    }
     for tile in 0..tiles {
         let wt = w.add(tile * VALUE_TILE_TOKENS);
         let mut s = [_mm512_setzero_ps(); R];
@@ -363,8 +532,10 @@ unsafe fn value_rows<const R: usize>(
             *x = _mm512_set1_ps(*scale.add(r * scale_stride + tile));
         }
         let first = codes.add(tile * tile_bytes + 64 * (c0 / 16) * bits as usize);
-        prefetch_ahead(first, 64 * (c1 / 16 - c0 / 16) * bits as usize);
-        for lane_group in c0 / 16..c1 / 16 {
+        prefetch_ahead(first, 64 * groups.len() * bits as usize);
+        let count = if LG > 0 { LG } else { groups.len() };
+        for g in 0..count {
+            let lane_group = groups.start + g;
             let base = codes.add(tile * tile_bytes + 64 * lane_group * bits as usize);
             let total = if bits == 3 {
                 plane_dot_3::<R>(base, base.add(128), 0, VALUE_TILE_TOKENS, wt, w_stride)
@@ -378,9 +549,20 @@ unsafe fn value_rows<const R: usize>(
                 total
             };
             for r in 0..R {
-                let dst = acc.add(r * acc_stride + lane_group * 16);
-                let f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), s[r], _mm512_loadu_ps(dst));
-                _mm512_storeu_ps(dst, f);
+                let x = _mm512_cvtepi32_ps(total[r]);
+                if LG > 0 {
+                    sums[r][g] = _mm512_fmadd_ps(x, s[r], sums[r][g]);
+                } else {
+                    let dst = acc.add(r * acc_stride + lane_group * 16);
+                    _mm512_storeu_ps(dst, _mm512_fmadd_ps(x, s[r], _mm512_loadu_ps(dst)));
+                }
+            }
+        }
+    }
+    if LG > 0 {
+        for r in 0..R {
+            for g in 0..LG {
+                _mm512_storeu_ps(acc.add(r * acc_stride + c0 + 16 * g), sums[r][g]);
             }
         }
     }
