@@ -166,12 +166,18 @@ unsafe fn key_dot_rows<D: Dot, const R: usize>(
         prefetch_ahead(base, tile_bytes);
         let q = w.q.as_ptr().add(w.at(tile));
         for half in 0..2 {
-            let mut total = [_mm256_setzero_si256(); R];
-            for (pw, off) in planes(bits) {
-                let panel = base.add(2 * d * off as usize + 32 * half);
-                let sums = plane_dot_any::<D, R>(pw, panel, c0, c1, q, w.stride);
-                add_shifted(&mut total, &sums, off);
-            }
+            let total = if bits == 3 {
+                let (p2, p1) = (base.add(32 * half), base.add(4 * d + 32 * half));
+                plane_dot_3::<D, R>(p2, p1, c0, c1, q, w.stride)
+            } else {
+                let mut total = [_mm256_setzero_si256(); R];
+                for (pw, off) in planes(bits) {
+                    let panel = base.add(2 * d * off as usize + 32 * half);
+                    let sums = plane_dot_any::<D, R>(pw, panel, c0, c1, q, w.stride);
+                    add_shifted(&mut total, &sums, off);
+                }
+                total
+            };
             for (r, t) in total.iter().enumerate() {
                 let at = r * out_stride + tile * KEY_TILE_TOKENS + 8 * half;
                 _mm256_storeu_si256(out.add(at) as *mut _, *t);
@@ -208,12 +214,19 @@ unsafe fn value_rows<D: Dot, const R: usize>(
         for lane_group in c0 / 16..c1 / 16 {
             let base = codes.add(tile * tile_bytes + 64 * lane_group * bits as usize);
             for half in 0..2 {
-                let mut total = [_mm256_setzero_si256(); R];
-                for (pw, off) in planes(bits) {
-                    let panel = base.add(64 * off as usize + 32 * half);
-                    let sums = plane_dot_any::<D, R>(pw, panel, 0, VALUE_TILE_TOKENS, wt, w_stride);
-                    add_shifted(&mut total, &sums, off);
-                }
+                let total = if bits == 3 {
+                    let (p2, p1) = (base.add(32 * half), base.add(128 + 32 * half));
+                    plane_dot_3::<D, R>(p2, p1, 0, VALUE_TILE_TOKENS, wt, w_stride)
+                } else {
+                    let mut total = [_mm256_setzero_si256(); R];
+                    for (pw, off) in planes(bits) {
+                        let panel = base.add(64 * off as usize + 32 * half);
+                        let sums =
+                            plane_dot_any::<D, R>(pw, panel, 0, VALUE_TILE_TOKENS, wt, w_stride);
+                        add_shifted(&mut total, &sums, off);
+                    }
+                    total
+                };
                 for r in 0..R {
                     let dst = acc.add(r * acc_stride + lane_group * 16 + 8 * half);
                     let f =
@@ -328,6 +341,64 @@ unsafe fn plane_dot<D: Dot, const R: usize, const W: usize>(
             acc[1][r]
         };
         out[r] = _mm256_add_epi32(acc[0][r], hi);
+    }
+    out
+}
+
+/// As the AVX-512 `plane_dot_3`, over one 32-byte half of each line: a 3-bit code's 2-bit
+/// and 1-bit planes merged into whole codes (at most 7, or 28 in place, so [`Madd`] may take
+/// them) before one dot product per 4 codes and row instead of two. Without `vpternlogd`
+/// the merge is an `and` and an `or`.
+#[inline(always)]
+unsafe fn plane_dot_3<D: Dot, const R: usize>(
+    panel2: *const u8,
+    panel1: *const u8,
+    red0: usize,
+    red1: usize,
+    weights: *const i8,
+    w_stride: usize,
+) -> [__m256i; R] {
+    let (m_lo, m_hi) = (_mm256_set1_epi8(0x03), _mm256_set1_epi8(0x0C));
+    let (b_lo, b_hi) = (_mm256_set1_epi8(0x04), _mm256_set1_epi8(0x10));
+    let mut acc = [[_mm256_setzero_si256(); R]; 2];
+    let dot = |acc: &mut [__m256i; R], x: __m256i, red: usize| {
+        for r in 0..R {
+            let four = (weights.add(r * w_stride + red) as *const i32).read_unaligned();
+            acc[r] = D::dot(acc[r], x, _mm256_set1_epi32(four));
+        }
+    };
+    // Bit `k` of a 1-bit byte moved to bit `to`, everything else cleared.
+    let bit_to = |v: __m256i, k: i32, to: i32, mask: __m256i| {
+        let moved = if k >= to {
+            _mm256_srl_epi16(v, _mm_cvtsi32_si128(k - to))
+        } else {
+            _mm256_sll_epi16(v, _mm_cvtsi32_si128(to - k))
+        };
+        _mm256_and_si256(moved, mask)
+    };
+    for line1 in red0 / 32..red1 / 32 {
+        let v1 = _mm256_loadu_si256(panel1.add(line1 * 64) as *const _);
+        for half in 0..2 {
+            let line2 = 2 * line1 + half;
+            let v2 = _mm256_loadu_si256(panel2.add(line2 * 64) as *const _);
+            for j in 0..2 {
+                let y = if j == 0 {
+                    v2
+                } else {
+                    _mm256_srli_epi16::<4>(v2)
+                };
+                let k = (4 * half + 2 * j) as i32;
+                let lo = _mm256_or_si256(_mm256_and_si256(y, m_lo), bit_to(v1, k, 2, b_lo));
+                let hi = _mm256_or_si256(_mm256_and_si256(y, m_hi), bit_to(v1, k + 1, 4, b_hi));
+                let red = line2 * 16 + 8 * j;
+                dot(&mut acc[0], lo, red);
+                dot(&mut acc[1], hi, red + 4);
+            }
+        }
+    }
+    let mut out = [_mm256_setzero_si256(); R];
+    for r in 0..R {
+        out[r] = _mm256_add_epi32(acc[0][r], _mm256_srai_epi32::<2>(acc[1][r]));
     }
     out
 }
