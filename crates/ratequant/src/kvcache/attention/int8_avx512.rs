@@ -47,25 +47,9 @@ pub(super) unsafe fn key_dot(
 ) {
     let (codes, out) = (codes.as_ptr(), out.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
-    // All channels of a 64-wide head (KIVI keys): constant line counts, unrolled.
-    if (head_dim, c0, c1) == (64, 0, 64) {
-        return by_rows!(
-            w.rows,
-            key_dot_rows_64,
-            codes,
-            tiles,
-            head_dim,
-            bits,
-            c0,
-            c1,
-            w,
-            out,
-            out_stride
-        );
-    }
     by_rows!(
         w.rows,
-        key_dot_rows_any,
+        key_dot_rows_fit,
         codes,
         tiles,
         head_dim,
@@ -78,9 +62,11 @@ pub(super) unsafe fn key_dot(
     )
 }
 
+/// [`key_dot_rows`] storing its sums; all channels of a 64-wide head (KIVI keys) with
+/// constant line counts, unrolled.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn key_dot_rows_any<const R: usize>(
+unsafe fn key_dot_rows_fit<const R: usize>(
     codes: *const u8,
     tiles: usize,
     d: usize,
@@ -91,41 +77,12 @@ unsafe fn key_dot_rows_any<const R: usize>(
     out: *mut i32,
     out_stride: usize,
 ) {
-    key_dot_rows::<R, 0>(
-        codes,
-        tiles,
-        d,
-        bits,
-        c0,
-        c1,
-        w,
-        store_sums(out, out_stride),
-    )
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn key_dot_rows_64<const R: usize>(
-    codes: *const u8,
-    tiles: usize,
-    d: usize,
-    bits: u8,
-    c0: usize,
-    c1: usize,
-    w: KeyWeights,
-    out: *mut i32,
-    out_stride: usize,
-) {
-    key_dot_rows::<R, 64>(
-        codes,
-        tiles,
-        d,
-        bits,
-        c0,
-        c1,
-        w,
-        store_sums(out, out_stride),
-    )
+    let end = store_sums(out, out_stride);
+    if (d, c0, c1) == (64, 0, 64) {
+        key_dot_rows::<R, 64>(codes, tiles, d, bits, c0, c1, w, end)
+    } else {
+        key_dot_rows::<R, 0>(codes, tiles, d, bits, c0, c1, w, end)
+    }
 }
 
 /// The plain key kernel's end of a tile: its sums to `out`.
@@ -194,24 +151,9 @@ pub(super) unsafe fn key_scores(
     max: &mut [f32],
 ) {
     let (codes, out) = (codes.as_ptr(), out.as_mut_ptr());
-    if head_dim == 64 {
-        return by_rows!(
-            w.rows,
-            key_scores_rows,
-            codes,
-            tiles,
-            head_dim,
-            bits,
-            w,
-            scales,
-            out,
-            out_stride,
-            max
-        );
-    }
     by_rows!(
         w.rows,
-        key_scores_rows_any,
+        key_scores_fit,
         codes,
         tiles,
         head_dim,
@@ -224,9 +166,10 @@ pub(super) unsafe fn key_scores(
     )
 }
 
+/// [`key_scores_d`], unrolled for 64-wide heads.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn key_scores_rows_any<const R: usize>(
+unsafe fn key_scores_fit<const R: usize>(
     codes: *const u8,
     tiles: usize,
     d: usize,
@@ -237,23 +180,11 @@ unsafe fn key_scores_rows_any<const R: usize>(
     out_stride: usize,
     max: &mut [f32],
 ) {
-    key_scores_d::<R, 0>(codes, tiles, d, bits, w, scales, out, out_stride, max)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn key_scores_rows<const R: usize>(
-    codes: *const u8,
-    tiles: usize,
-    d: usize,
-    bits: u8,
-    w: KeyWeights,
-    scales: KeyScoreScales,
-    out: *mut f32,
-    out_stride: usize,
-    max: &mut [f32],
-) {
-    key_scores_d::<R, 64>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+    if d == 64 {
+        key_scores_d::<R, 64>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+    } else {
+        key_scores_d::<R, 0>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+    }
 }
 
 /// [`key_scores`] with `R` weight rows: each tile's sums go through the float step in
@@ -319,127 +250,9 @@ pub(super) unsafe fn value_accumulate(
 ) {
     let (codes, w, scale, acc) = (codes.as_ptr(), w.as_ptr(), scale.as_ptr(), acc.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
-    // Up to 16 sums in registers: 4 rows of a 64-wide head, or of a 32-channel group.
-    if rows <= 4 && (c1 - c0 == 64 || c1 - c0 == 32) {
-        let lg4 = c1 - c0 == 64;
-        return match (rows, lg4) {
-            (1, true) => value_rows_lg4::<1>(
-                codes,
-                tiles,
-                head_dim,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            ),
-            (2, true) => value_rows_lg4::<2>(
-                codes,
-                tiles,
-                head_dim,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            ),
-            (3, true) => value_rows_lg4::<3>(
-                codes,
-                tiles,
-                head_dim,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            ),
-            (_, true) => value_rows_lg4::<4>(
-                codes,
-                tiles,
-                head_dim,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            ),
-            (1, false) => value_rows_lg2::<1>(
-                codes,
-                tiles,
-                head_dim,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            ),
-            (2, false) => value_rows_lg2::<2>(
-                codes,
-                tiles,
-                head_dim,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            ),
-            (3, false) => value_rows_lg2::<3>(
-                codes,
-                tiles,
-                head_dim,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            ),
-            (_, false) => value_rows_lg2::<4>(
-                codes,
-                tiles,
-                head_dim,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            ),
-        };
-    }
     by_rows!(
         rows,
-        value_rows_any,
+        value_rows_fit,
         codes,
         tiles,
         head_dim,
@@ -455,44 +268,69 @@ pub(super) unsafe fn value_accumulate(
     )
 }
 
-macro_rules! value_rows_with {
-    ($name:ident, $lg:expr) => {
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<const R: usize>(
-            codes: *const u8,
-            tiles: usize,
-            d: usize,
-            bits: u8,
-            c0: usize,
-            c1: usize,
-            w: *const i8,
-            w_stride: usize,
-            scale: *const f32,
-            scale_stride: usize,
-            acc: *mut f32,
-            acc_stride: usize,
-        ) {
-            value_rows::<R, $lg>(
-                codes,
-                tiles,
-                d,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                acc,
-                acc_stride,
-            )
-        }
-    };
+/// [`value_rows`] with up to 16 sums in registers where they fit: up to 4 rows of a
+/// 64-wide head or of a 32-channel group.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_rows_fit<const R: usize>(
+    codes: *const u8,
+    tiles: usize,
+    d: usize,
+    bits: u8,
+    c0: usize,
+    c1: usize,
+    w: *const i8,
+    w_stride: usize,
+    scale: *const f32,
+    scale_stride: usize,
+    acc: *mut f32,
+    acc_stride: usize,
+) {
+    match (R <= 4, c1 - c0) {
+        (true, 64) => value_rows::<R, 4>(
+            codes,
+            tiles,
+            d,
+            bits,
+            c0,
+            c1,
+            w,
+            w_stride,
+            scale,
+            scale_stride,
+            acc,
+            acc_stride,
+        ),
+        (true, 32) => value_rows::<R, 2>(
+            codes,
+            tiles,
+            d,
+            bits,
+            c0,
+            c1,
+            w,
+            w_stride,
+            scale,
+            scale_stride,
+            acc,
+            acc_stride,
+        ),
+        _ => value_rows::<R, 0>(
+            codes,
+            tiles,
+            d,
+            bits,
+            c0,
+            c1,
+            w,
+            w_stride,
+            scale,
+            scale_stride,
+            acc,
+            acc_stride,
+        ),
+    }
 }
-value_rows_with!(value_rows_any, 0);
-value_rows_with!(value_rows_lg2, 2);
-value_rows_with!(value_rows_lg4, 4);
 
 /// `LG` > 0: the channels are `LG` lane groups, whose f32 sums stay in registers from the
 /// first tile to the last (the same operations in the same order as through `acc`).
