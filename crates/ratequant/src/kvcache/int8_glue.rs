@@ -50,7 +50,7 @@ pub(super) fn key_scores<'s, const F16C: bool>(
     scores: &mut [f32],
     len: usize,
     scratch: &'s mut GlueScratch,
-) -> Option<&'s [f32]> {
+) -> Option<&'s mut [f32]> {
     let core = &key.core;
     let (d, bits, rows) = (core.head_dim, core.bits, prep.rows);
     let g_tokens = key.block_tokens;

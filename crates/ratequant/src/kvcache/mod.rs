@@ -1025,15 +1025,13 @@ fn run_task<const F16C: bool>(
     let softmax = match known_max {
         Some(maxes) => {
             // The residual positions' scores join the packed ones' maxima.
-            let maxes: Vec<f32> = (0..rows)
-                .map(|r| {
-                    let row = &scores[r * len..(r + 1) * len];
-                    row[packed_end - a..]
-                        .iter()
-                        .fold(maxes[r], |m, &x| if x > m { x } else { m })
-                })
-                .collect();
-            attention::softmax_rows_with_max(isa, scores, len, &maxes)
+            for (r, m) in maxes.iter_mut().enumerate() {
+                let row = &scores[r * len..(r + 1) * len];
+                *m = row[packed_end - a..]
+                    .iter()
+                    .fold(*m, |m, &x| if x > m { x } else { m });
+            }
+            attention::softmax_rows_with_max(isa, scores, len, maxes)
         }
         None => attention::softmax_rows(isa, scores, len),
     };
