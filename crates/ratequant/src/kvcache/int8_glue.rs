@@ -4,7 +4,7 @@
 //!
 //! * Per-channel keys (KIVI): per block of `G` tokens, `w = q ∘ scale` (the block's channel
 //!   scales folded into the query, as the float path does) is rounded to `i8` with scale
-//!   `σ = max|w| / 127`; `score = σ · Σ_c w8_c · code_c + q · zero`.
+//!   `σ = max|w|·(1/127)`; `score = σ · Σ_c w8_c · code_c + q · zero`.
 //! * Per-token keys (QuaRot, RTN): the query is rounded once per task; per channel group
 //!   `score += s_t · σ · Σ_{c∈g} q8_c · code_c + z_t · Σ_{c∈g} q_c`.
 //! * Values: per channel group and 32-token tile, `w_t = p_t · s_t` rounded to `i8` (all
@@ -211,11 +211,63 @@ pub(super) fn values<const F16C: bool>(
     // As for keys: rows `rows..2·rows` hold `lo` when split, accumulated apart and added.
     let split = bits >= SPLIT_BITS;
     let w_rows = if split { 2 * rows } else { rows };
-    let w8 = take(&mut scratch.w8, w_rows * nt * T);
-    let sigma = take(&mut scratch.sigma, w_rows * nt);
+    let groups_max = core.layout.channel_groups(d).max(if split { 2 } else { 1 });
+    let w8 = take(&mut scratch.w8, groups_max * rows * nt * T);
+    let sigma = take(&mut scratch.sigma, groups_max * rows * nt);
     let lo_acc = take(&mut scratch.tmp, if split { 2 * rows * d } else { 0 });
     // Position `pos` sits at tile position `pos − tiles.start·T`; others weigh 0.
     let first = a - tiles.start * T;
+    let group = core.layout.group.min(d);
+    let groups = core.layout.channel_groups(d);
+    if !split && groups <= 4 {
+        // Every channel group's weights from one pass over the probabilities, then one pass
+        // over the tiles for all channels (the same numbers as group by group below).
+        let (mut s, mut z) = ([&[][..]; 4], [&[][..]; 4]);
+        for g in 0..groups {
+            (s[g], z[g]) = (&core.scales[g][a..e], &core.zeros[g][a..e]);
+        }
+        let zero = take(&mut scratch.bias, groups * rows);
+        int8::value_weights_groups(
+            kernels,
+            probs,
+            len,
+            rows,
+            e - a,
+            &s[..groups],
+            &z[..groups],
+            first,
+            w8,
+            sigma,
+            zero,
+        );
+        for g in 0..groups {
+            let (c0, c1) = (g * group, ((g + 1) * group).min(d));
+            for r in 0..rows {
+                for x in &mut acc[r * d + c0..r * d + c1] {
+                    *x += zero[g * rows + r];
+                }
+            }
+        }
+        let ws = nt * T;
+        int8::value_accumulate_groups(
+            kernels,
+            codes,
+            nt,
+            d,
+            bits,
+            group,
+            w8,
+            ws,
+            rows * ws,
+            sigma,
+            nt,
+            rows * nt,
+            rows,
+            acc,
+            d,
+        );
+        return;
+    }
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
         let c1 = (c0 + core.layout.group).min(d);
         let (s, z) = (&core.scales[g][a..e], &core.zeros[g][a..e]);

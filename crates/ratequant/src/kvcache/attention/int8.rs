@@ -616,7 +616,111 @@ pub fn value_accumulate(
     }
 }
 
-/// Rounds `x` to signed 8-bit weights with one scale `σ = max|x| / 127` and returns `σ`
+/// [`value_accumulate`] over all channels `0..head_dim`, in channel groups of `group`
+/// channels (a multiple of 16, or at least `head_dim`: one group), group `g` with its own
+/// weights `w[g·w_group_stride..]` and scales `scale[g·scale_group_stride..]`: the same sums
+/// as one call per group, bit for bit. The AVX-512 kernels make one pass over the tiles for
+/// all groups (each tile's lane groups are adjacent bytes); the others call per group.
+#[allow(clippy::too_many_arguments)]
+pub fn value_accumulate_groups(
+    kernels: Kernels,
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    group: usize,
+    w: &[i8],
+    w_stride: usize,
+    w_group_stride: usize,
+    scale: &[f32],
+    scale_stride: usize,
+    scale_group_stride: usize,
+    rows: usize,
+    acc: &mut [f32],
+    acc_stride: usize,
+) {
+    let group = group.min(head_dim);
+    assert!(
+        group > 0 && group.is_multiple_of(16),
+        "value_accumulate_groups: group {group} not a multiple of 16"
+    );
+    let ng = head_dim.div_ceil(group);
+    if rows == 0 || tiles == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if checked(kernels) == Kernels::Avx512Vnni && head_dim.is_multiple_of(16) {
+        assert!(
+            (1..=8).contains(&bits),
+            "value_accumulate_groups: bits {bits} outside 1..=8"
+        );
+        assert!(
+            codes.len() >= tiles * value_tile_bytes(head_dim, bits),
+            "value_accumulate_groups: codes too short"
+        );
+        let last = (ng - 1) * w_group_stride;
+        assert!(
+            w.len() >= last + (rows - 1) * w_stride + tiles * VALUE_TILE_TOKENS,
+            "value_accumulate_groups: weights too short"
+        );
+        let last = (ng - 1) * scale_group_stride;
+        assert!(
+            scale.len() >= last + (rows - 1) * scale_stride + tiles,
+            "value_accumulate_groups: scales too short"
+        );
+        assert!(
+            acc.len() >= (rows - 1) * acc_stride + head_dim,
+            "value_accumulate_groups: accumulator too short"
+        );
+        for r0 in (0..rows).step_by(super::MAX_ROWS) {
+            let n = super::MAX_ROWS.min(rows - r0);
+            // SAFETY: features checked by `checked`; bounds asserted above.
+            unsafe {
+                super::int8_avx512::value_accumulate_groups(
+                    codes,
+                    tiles,
+                    head_dim,
+                    bits,
+                    group,
+                    &w[r0 * w_stride..],
+                    w_stride,
+                    w_group_stride,
+                    &scale[r0 * scale_stride..],
+                    scale_stride,
+                    scale_group_stride,
+                    n,
+                    &mut acc[r0 * acc_stride..],
+                    acc_stride,
+                )
+            };
+        }
+        return;
+    }
+    for g in 0..ng {
+        let c0 = g * group;
+        value_accumulate(
+            kernels,
+            codes,
+            tiles,
+            head_dim,
+            bits,
+            c0..(c0 + group).min(head_dim),
+            &w[g * w_group_stride..],
+            w_stride,
+            &scale[g * scale_group_stride..],
+            scale_stride,
+            rows,
+            acc,
+            acc_stride,
+        );
+    }
+}
+
+/// `1/127`: the weights' scale is `max|x|` times this, a multiplication where a division
+/// would take a vector division unit's throughput for every 16 scales.
+pub const INV_127: f32 = 1.0 / 127.0;
+
+/// Rounds `x` to signed 8-bit weights with one scale `σ = max|x|·(1/127)` and returns `σ`
 /// (0, with every weight 0, when `x` is all zeros): `hi = round(x/σ)`, ties to even. With
 /// `lo`, also the residual to 1/254 of that step: `lo = round((x/σ − hi)·254)`, so that
 /// `x ≈ σ·(hi + lo/254)`. `x` must be finite. The AVX-512 version (used where VNNI is) gives
@@ -657,7 +761,7 @@ pub fn quantize_i8_scalar(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>) -> f3
             }
         }
     }
-    amax / 127.0
+    amax * INV_127
 }
 
 /// The weights of `rows` query rows (`q`: `rows × d`) against `blocks` consecutive blocks of
@@ -805,6 +909,89 @@ pub fn value_weights(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = kernels;
     value_weights_scalar(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero)
+}
+
+/// [`value_weights`] (without `lo` weights) for `s.len()` channel groups of the same
+/// probabilities, group `g` with scales `s[g]` and zero-points `z[g]`: its weights at
+/// `hi[g·rows·nt·32..]`, scales at `sigma[g·rows·nt..]` and zero-point sums at
+/// `zero[g·rows..]`, the same bytes and scales as one call per group. The AVX-512 version
+/// reads each probability once for all groups (up to 4 groups, `rows·groups ≤ 16`).
+#[allow(clippy::too_many_arguments)]
+pub fn value_weights_groups(
+    kernels: Kernels,
+    p: &[f32],
+    p_stride: usize,
+    rows: usize,
+    n: usize,
+    s: &[&[half::f16]],
+    z: &[&[half::f16]],
+    first: usize,
+    hi: &mut [i8],
+    sigma: &mut [f32],
+    zero: &mut [f32],
+) {
+    let ng = s.len();
+    assert_eq!(
+        z.len(),
+        ng,
+        "value_weights_groups: scales against zero-points"
+    );
+    if rows == 0 || ng == 0 {
+        return;
+    }
+    let nt = (first + n).div_ceil(VALUE_TILE_TOKENS);
+    let (w_len, s_len) = (rows * nt * VALUE_TILE_TOKENS, rows * nt);
+    assert!(first < VALUE_TILE_TOKENS && s.iter().chain(z).all(|x| x.len() >= n));
+    assert!(p.len() >= (rows - 1) * p_stride + n && zero.len() >= ng * rows);
+    assert!(hi.len() >= ng * w_len && sigma.len() >= ng * s_len);
+    #[cfg(target_arch = "x86_64")]
+    if checked(kernels) == Kernels::Avx512Vnni && rows * ng <= 16 {
+        use super::int8_avx512::value_weights_groups as groups;
+        // SAFETY: AVX-512 F/BW and F16C detected; lengths asserted, `rows·NG ≤ 16`.
+        unsafe {
+            match ng {
+                1 => {
+                    return groups::<1>(
+                        p,
+                        p_stride,
+                        rows,
+                        n,
+                        [s[0]],
+                        [z[0]],
+                        first,
+                        hi,
+                        sigma,
+                        zero,
+                    )
+                }
+                2 => {
+                    let (s, z) = ([s[0], s[1]], [z[0], z[1]]);
+                    return groups::<2>(p, p_stride, rows, n, s, z, first, hi, sigma, zero);
+                }
+                4 => {
+                    let (s, z) = ([s[0], s[1], s[2], s[3]], [z[0], z[1], z[2], z[3]]);
+                    return groups::<4>(p, p_stride, rows, n, s, z, first, hi, sigma, zero);
+                }
+                _ => {}
+            }
+        }
+    }
+    for g in 0..ng {
+        value_weights(
+            kernels,
+            p,
+            p_stride,
+            rows,
+            n,
+            s[g],
+            z[g],
+            first,
+            &mut hi[g * w_len..],
+            None,
+            &mut sigma[g * s_len..],
+            &mut zero[g * rows..],
+        );
+    }
 }
 
 /// The definition of [`value_weights`].
@@ -1169,6 +1356,136 @@ mod tests {
                         "{level:?} value_accumulate bits {bits} rows {rows} channels {channels:?}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The grouped value builders give what one call per group gives (weights, scales and
+    /// sums bit for bit; zero-point sums in the same order too) on every kernel level.
+    #[test]
+    fn grouped_value_builders_equal_one_call_per_group() {
+        use half::f16;
+        let mut seed = 21;
+        let mut f = |scale: f32| (lcg(&mut seed) as f32 / (1u64 << 31) as f32 - 0.5) * scale;
+        let levels = [
+            Kernels::Scalar,
+            Kernels::Avx2,
+            Kernels::AvxVnni,
+            Kernels::Avx512Vnni,
+        ];
+        for level in levels.into_iter().filter(|k| k.is_available()) {
+            for (d, group, rows, first, n, bits) in [
+                (64usize, 32usize, 3usize, 0usize, 1024usize, 2u8),
+                (64, 32, 3, 7, 300, 3),
+                (64, 16, 4, 31, 65, 2),
+                (64, 64, 3, 0, 96, 3),
+                (96, 32, 2, 3, 100, 1),
+                (64, 32, 9, 0, 64, 2),
+                (64, 16, 5, 1, 40, 5),
+            ] {
+                let ng = d.div_ceil(group);
+                let what = format!("{level:?} d {d} group {group} rows {rows} first {first} n {n}");
+                let p_stride = n + 3;
+                let p: Vec<f32> = (0..rows * p_stride).map(|_| f(2.0).abs()).collect();
+                let s: Vec<Vec<f16>> = (0..ng)
+                    .map(|_| (0..n).map(|_| f16::from_f32(f(1.0).abs())).collect())
+                    .collect();
+                let z: Vec<Vec<f16>> = (0..ng)
+                    .map(|_| (0..n).map(|_| f16::from_f32(f(3.0))).collect())
+                    .collect();
+                let (sl, zl): (Vec<&[f16]>, Vec<&[f16]>) = (
+                    s.iter().map(|x| &x[..]).collect(),
+                    z.iter().map(|x| &x[..]).collect(),
+                );
+                let tiles = (first + n).div_ceil(VALUE_TILE_TOKENS);
+                let ws = tiles * VALUE_TILE_TOKENS;
+                let mut a = (
+                    vec![7i8; ng * rows * ws],
+                    vec![1f32; ng * rows * tiles],
+                    vec![0f32; ng * rows],
+                );
+                let mut b = (
+                    vec![9i8; ng * rows * ws],
+                    vec![2f32; ng * rows * tiles],
+                    vec![5f32; ng * rows],
+                );
+                value_weights_groups(
+                    level, &p, p_stride, rows, n, &sl, &zl, first, &mut a.0, &mut a.1, &mut a.2,
+                );
+                for g in 0..ng {
+                    value_weights(
+                        level,
+                        &p,
+                        p_stride,
+                        rows,
+                        n,
+                        sl[g],
+                        zl[g],
+                        first,
+                        &mut b.0[g * rows * ws..],
+                        None,
+                        &mut b.1[g * rows * tiles..],
+                        &mut b.2[g * rows..],
+                    );
+                }
+                let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(a.0, b.0, "{what}: weights");
+                assert_eq!(bits_of(&a.1), bits_of(&b.1), "{what}: scales");
+                assert_eq!(bits_of(&a.2), bits_of(&b.2), "{what}: zero-point sums");
+                // Groups differ (their own scales): a mix-up of groups would show.
+                if ng > 1 {
+                    let k = rows * tiles;
+                    assert_ne!(a.1[..k], a.1[k..2 * k], "{what}");
+                }
+                // The accumulation over all groups at once, against group by group on the
+                // scalar definition.
+                let mut vcodes = vec![0u8; tiles * value_tile_bytes(d, bits)];
+                for tile in 0..tiles {
+                    for t in 0..VALUE_TILE_TOKENS {
+                        for c in 0..d {
+                            let code = (f(1024.0) as i32 & ((1 << bits) - 1)) as u8;
+                            let at = tile * value_tile_bytes(d, bits);
+                            put_value_code(&mut vcodes[at..], bits, t, c, code);
+                        }
+                    }
+                }
+                let init: Vec<f32> = (0..rows * d).map(|i| i as f32 * 0.5).collect();
+                let (mut x, mut y) = (init.clone(), init);
+                value_accumulate_groups(
+                    level,
+                    &vcodes,
+                    tiles,
+                    d,
+                    bits,
+                    group,
+                    &a.0,
+                    ws,
+                    rows * ws,
+                    &a.1,
+                    tiles,
+                    rows * tiles,
+                    rows,
+                    &mut x,
+                    d,
+                );
+                for g in 0..ng {
+                    value_accumulate(
+                        Kernels::Scalar,
+                        &vcodes,
+                        tiles,
+                        d,
+                        bits,
+                        g * group..((g + 1) * group).min(d),
+                        &a.0[g * rows * ws..],
+                        ws,
+                        &a.1[g * rows * tiles..],
+                        tiles,
+                        rows,
+                        &mut y,
+                        d,
+                    );
+                }
+                assert_eq!(bits_of(&x), bits_of(&y), "{what}: accumulation");
             }
         }
     }

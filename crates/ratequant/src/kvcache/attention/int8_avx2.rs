@@ -17,7 +17,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::int8::{
-    key_tile_bytes, planes, value_tile_bytes, KeyWeights, KEY_TILE_TOKENS, VALUE_TILE_TOKENS,
+    key_tile_bytes, planes, value_tile_bytes, KeyWeights, INV_127, KEY_TILE_TOKENS,
+    VALUE_TILE_TOKENS,
 };
 use super::prefetch_ahead;
 
@@ -460,7 +461,7 @@ unsafe fn round_i8(w: *const f32, n: usize, hi: *mut i8, lo: Option<*mut i8>) ->
             store8_i8(lo.add(i), _mm256_cvtps_epi32(r));
         }
     }
-    amax / 127.0
+    amax * INV_127
 }
 
 /// See [`super::int8::key_block_weights`]; `d` a multiple of 8 and at most 512: the same

@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::int8::{
-    key_tile_bytes, planes, value_tile_bytes, KeyScoreScales, KeyWeights, KEY_TILE_TOKENS,
+    key_tile_bytes, planes, value_tile_bytes, KeyScoreScales, KeyWeights, INV_127, KEY_TILE_TOKENS,
     VALUE_TILE_TOKENS,
 };
 use super::prefetch_ahead;
@@ -248,6 +248,11 @@ pub(super) unsafe fn value_accumulate(
     acc: &mut [f32],
     acc_stride: usize,
 ) {
+    let groups = WeightGroups {
+        lanes: usize::MAX,
+        w_stride: 0,
+        scale_stride: 0,
+    };
     let (codes, w, scale, acc) = (codes.as_ptr(), w.as_ptr(), scale.as_ptr(), acc.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
     by_rows!(
@@ -263,9 +268,66 @@ pub(super) unsafe fn value_accumulate(
         w_stride,
         scale,
         scale_stride,
+        groups,
         acc,
         acc_stride
     )
+}
+
+/// See [`super::int8::value_accumulate_groups`]: all channels in one pass over the tiles,
+/// channel group `g` (of `group` channels, a multiple of 16) with its own weights and
+/// scales; `rows ≤ 8`, bounds checked by the caller.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn value_accumulate_groups(
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    group: usize,
+    w: &[i8],
+    w_stride: usize,
+    w_group_stride: usize,
+    scale: &[f32],
+    scale_stride: usize,
+    scale_group_stride: usize,
+    rows: usize,
+    acc: &mut [f32],
+    acc_stride: usize,
+) {
+    let groups = WeightGroups {
+        lanes: group / 16,
+        w_stride: w_group_stride,
+        scale_stride: scale_group_stride,
+    };
+    let (codes, w, scale, acc) = (codes.as_ptr(), w.as_ptr(), scale.as_ptr(), acc.as_mut_ptr());
+    by_rows!(
+        rows,
+        value_rows_fit,
+        codes,
+        tiles,
+        head_dim,
+        bits,
+        0,
+        head_dim,
+        w,
+        w_stride,
+        scale,
+        scale_stride,
+        groups,
+        acc,
+        acc_stride
+    )
+}
+
+/// Which weights and scales a lane group uses: lane group `g` (counted from the first one
+/// accumulated) takes those of weight group `g / lanes`, `w_stride` and `scale_stride`
+/// apart.
+#[derive(Clone, Copy)]
+struct WeightGroups {
+    lanes: usize,
+    w_stride: usize,
+    scale_stride: usize,
 }
 
 /// [`value_rows`] with up to 16 sums in registers where they fit: up to 4 rows of a
@@ -283,52 +345,33 @@ unsafe fn value_rows_fit<const R: usize>(
     w_stride: usize,
     scale: *const f32,
     scale_stride: usize,
+    groups: WeightGroups,
     acc: *mut f32,
     acc_stride: usize,
 ) {
+    macro_rules! call {
+        ($lg:literal) => {
+            value_rows::<R, $lg>(
+                codes,
+                tiles,
+                d,
+                bits,
+                c0,
+                c1,
+                w,
+                w_stride,
+                scale,
+                scale_stride,
+                groups,
+                acc,
+                acc_stride,
+            )
+        };
+    }
     match (R <= 4, c1 - c0) {
-        (true, 64) => value_rows::<R, 4>(
-            codes,
-            tiles,
-            d,
-            bits,
-            c0,
-            c1,
-            w,
-            w_stride,
-            scale,
-            scale_stride,
-            acc,
-            acc_stride,
-        ),
-        (true, 32) => value_rows::<R, 2>(
-            codes,
-            tiles,
-            d,
-            bits,
-            c0,
-            c1,
-            w,
-            w_stride,
-            scale,
-            scale_stride,
-            acc,
-            acc_stride,
-        ),
-        _ => value_rows::<R, 0>(
-            codes,
-            tiles,
-            d,
-            bits,
-            c0,
-            c1,
-            w,
-            w_stride,
-            scale,
-            scale_stride,
-            acc,
-            acc_stride,
-        ),
+        (true, 64) => call!(4),
+        (true, 32) => call!(2),
+        _ => call!(0),
     }
 }
 
@@ -347,16 +390,32 @@ unsafe fn value_rows<const R: usize, const LG: usize>(
     w_stride: usize,
     scale: *const f32,
     scale_stride: usize,
+    groups: WeightGroups,
     acc: *mut f32,
     acc_stride: usize,
 ) {
     // Tile by tile, so the codes stream in order (lane groups inside a tile are adjacent);
     // the f32 sums live in registers (`LG` > 0) or in `acc`, which stays in L1.
     let tile_bytes = value_tile_bytes(d, bits);
-    let groups = c0 / 16..c1 / 16;
+    let lane_groups = c0 / 16..c1 / 16;
+    let count = if LG > 0 { LG } else { lane_groups.len() };
+    // Each lane group's weights and scales.
+    let at_group = |g: usize| {
+        let k = g / groups.lanes;
+        (
+            w.add(k * groups.w_stride),
+            scale.add(k * groups.scale_stride),
+        )
+    };
+    let mut fixed = [(w, scale); 4];
+    if LG > 0 {
+        debug_assert!(lane_groups.len() == LG && LG <= 4);
+        for g in 0..LG {
+            fixed[g] = at_group(g);
+        }
+    }
     let mut sums = [[_mm512_setzero_ps(); 4]; R];
     if LG > 0 {
-        debug_assert!(groups.len() == LG && LG <= 4);
         for r in 0..R {
             for g in 0..LG {
                 sums[r][g] = _mm512_loadu_ps(acc.add(r * acc_stride + c0 + 16 * g));
@@ -364,16 +423,12 @@ unsafe fn value_rows<const R: usize, const LG: usize>(
         }
     }
     for tile in 0..tiles {
-        let wt = w.add(tile * VALUE_TILE_TOKENS);
-        let mut s = [_mm512_setzero_ps(); R];
-        for (r, x) in s.iter_mut().enumerate() {
-            *x = _mm512_set1_ps(*scale.add(r * scale_stride + tile));
-        }
         let first = codes.add(tile * tile_bytes + 64 * (c0 / 16) * bits as usize);
-        prefetch_ahead(first, 64 * groups.len() * bits as usize);
-        let count = if LG > 0 { LG } else { groups.len() };
+        prefetch_ahead(first, 64 * lane_groups.len() * bits as usize);
         for g in 0..count {
-            let lane_group = groups.start + g;
+            let (wg, sg) = if LG > 0 { fixed[g] } else { at_group(g) };
+            let wt = wg.add(tile * VALUE_TILE_TOKENS);
+            let lane_group = lane_groups.start + g;
             let base = codes.add(tile * tile_bytes + 64 * lane_group * bits as usize);
             let total = if bits == 3 {
                 plane_dot_3::<R>(base, base.add(128), 0, VALUE_TILE_TOKENS, wt, w_stride)
@@ -388,11 +443,12 @@ unsafe fn value_rows<const R: usize, const LG: usize>(
             };
             for r in 0..R {
                 let x = _mm512_cvtepi32_ps(total[r]);
+                let s = _mm512_set1_ps(*sg.add(r * scale_stride + tile));
                 if LG > 0 {
-                    sums[r][g] = _mm512_fmadd_ps(x, s[r], sums[r][g]);
+                    sums[r][g] = _mm512_fmadd_ps(x, s, sums[r][g]);
                 } else {
                     let dst = acc.add(r * acc_stride + lane_group * 16);
-                    _mm512_storeu_ps(dst, _mm512_fmadd_ps(x, s[r], _mm512_loadu_ps(dst)));
+                    _mm512_storeu_ps(dst, _mm512_fmadd_ps(x, s, _mm512_loadu_ps(dst)));
                 }
             }
         }
@@ -600,7 +656,7 @@ pub(super) unsafe fn quantize_i8(x: &[f32], hi: &mut [i8], lo: Option<&mut [i8]>
         }
         i += 16;
     }
-    amax / 127.0
+    amax * INV_127
 }
 
 /// See [`super::int8::key_block_weights`]; `d` a multiple of 32 (every tiled layout's), so
@@ -657,8 +713,17 @@ unsafe fn key_block_weights_d<const C: usize>(
     let mut widened = usize::MAX;
     for i0 in (0..items).step_by(16) {
         let count = 16.min(items - i0);
+        // (block, row) of item `i0 + jj`, stepped rather than divided per item (a runtime
+        // `div` per item cost more than the item's vector work).
+        let first = (i0 / rows, i0 % rows);
+        let (mut blk, mut r) = first;
         for jj in 0..count {
-            let (blk, r) = ((i0 + jj) / rows, (i0 + jj) % rows);
+            if jj > 0 {
+                r += 1;
+                if r == rows {
+                    (blk, r) = (blk + 1, 0);
+                }
+            }
             if blk != widened {
                 let (sp, zp) = (s.as_ptr().add(blk * d), z.as_ptr().add(blk * d));
                 prefetch_ahead(sp as *const u8, 2 * d);
@@ -696,8 +761,14 @@ unsafe fn key_block_weights_d<const C: usize>(
         let (k, sig) = i8_scales(reduce16::<true>(&m));
         _mm512_mask_storeu_ps(sigma.as_mut_ptr().add(i0), live, sig);
         _mm512_storeu_ps(ks.as_mut_ptr(), k);
+        let (mut blk, mut r) = first;
         for (jj, &k) in ks.iter().enumerate().take(count) {
-            let (blk, r) = ((i0 + jj) / rows, (i0 + jj) % rows);
+            if jj > 0 {
+                r += 1;
+                if r == rows {
+                    (blk, r) = (blk + 1, 0);
+                }
+            }
             let hp = w8.as_mut_ptr().add((blk * q_rows + r) * d);
             let lp = split.then(|| w8.as_mut_ptr().add((blk * q_rows + rows + r) * d));
             let (kj, wj) = (_mm512_set1_ps(k), wp.add(jj * MAX_CHUNKS));
@@ -757,7 +828,7 @@ pub(crate) unsafe fn reduce16<const MAX: bool>(v: &[__m512; 16]) -> __m512 {
     _mm512_permutexvar_ps(idx, w)
 }
 
-/// Per lane of `amax` (a maximum of absolute values): `(127 / amax, amax / 127)`, both 0
+/// Per lane of `amax` (a maximum of absolute values): `(127 / amax, amax·(1/127))`, both 0
 /// where `amax` is 0, as [`super::int8::quantize_i8`] divides.
 #[inline(always)]
 unsafe fn i8_scales(amax: __m512) -> (__m512, __m512) {
@@ -765,7 +836,7 @@ unsafe fn i8_scales(amax: __m512) -> (__m512, __m512) {
     let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(amax, _mm512_setzero_ps());
     (
         _mm512_maskz_div_ps(nonzero, c127, amax),
-        _mm512_div_ps(amax, c127),
+        _mm512_mul_ps(amax, _mm512_set1_ps(INV_127)),
     )
 }
 
@@ -803,45 +874,80 @@ pub(super) unsafe fn value_weights(
     sigma: &mut [f32],
     zero: &mut [f32],
 ) {
+    let (s, z) = ([s.as_ptr() as *const u16], [z.as_ptr() as *const u16]);
+    let (hi, lo) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
+    let (sigma, zero) = (sigma.as_mut_ptr(), zero.as_mut_ptr());
     // Known row counts unroll, so that the weights and zero-point sums are indexed by
     // constants and stay in registers (a runtime count kept them on the stack: 5–10% of a
     // decode step at 16K).
-    match rows {
-        1 => value_weights_rows::<1>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),
-        2 => value_weights_rows::<2>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),
-        3 => value_weights_rows::<3>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),
-        4 => value_weights_rows::<4>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),
-        _ => value_weights_rows::<0>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match rows {
+                $($r => value_weights_rows::<$r, 1>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),)*
+                _ => value_weights_rows::<0, 1>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),
+            }
+        };
     }
+    rows!(1 2 3 4)
 }
 
-/// [`value_weights`] for `R` rows (`R` 0: `rows` rows, up to 16).
-#[inline(always)]
+/// See [`super::int8::value_weights_groups`]: [`value_weights`] for `NG` channel groups at
+/// once, `rows·NG ≤ 16` (checked by the caller), without `lo` weights. Each token's
+/// probability is loaded once for all groups, and all groups' items share the reductions.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn value_weights_rows<const R: usize>(
+pub(super) unsafe fn value_weights_groups<const NG: usize>(
     p: &[f32],
     p_stride: usize,
     rows: usize,
     n: usize,
-    s: &[half::f16],
-    z: &[half::f16],
+    s: [&[half::f16]; NG],
+    z: [&[half::f16]; NG],
     first: usize,
     hi: &mut [i8],
-    lo: Option<&mut [i8]>,
     sigma: &mut [f32],
     zero: &mut [f32],
 ) {
+    let (s, z) = (
+        s.map(|x| x.as_ptr() as *const u16),
+        z.map(|x| x.as_ptr() as *const u16),
+    );
+    let (hi, sigma, zero) = (hi.as_mut_ptr(), sigma.as_mut_ptr(), zero.as_mut_ptr());
+    match rows {
+        1 => value_weights_rows::<1, NG>(p, p_stride, 1, n, s, z, first, hi, None, sigma, zero),
+        2 => value_weights_rows::<2, NG>(p, p_stride, 2, n, s, z, first, hi, None, sigma, zero),
+        3 => value_weights_rows::<3, NG>(p, p_stride, 3, n, s, z, first, hi, None, sigma, zero),
+        4 => value_weights_rows::<4, NG>(p, p_stride, 4, n, s, z, first, hi, None, sigma, zero),
+        _ => value_weights_rows::<0, NG>(p, p_stride, rows, n, s, z, first, hi, None, sigma, zero),
+    }
+}
+
+/// [`value_weights`] for `R` rows (`R` 0: `rows` rows) and `NG` channel groups, `rows·NG ≤
+/// 16`: group `g`'s weights at `hi[g·rows·nt·32..]`, scales at `sigma[g·rows·nt..]`,
+/// zero-point sums at `zero[g·rows..]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_weights_rows<const R: usize, const NG: usize>(
+    p: &[f32],
+    p_stride: usize,
+    rows: usize,
+    n: usize,
+    sp: [*const u16; NG],
+    zp: [*const u16; NG],
+    first: usize,
+    hp: *mut i8,
+    lp: Option<*mut i8>,
+    sigma: *mut f32,
+    zero: *mut f32,
+) {
     const T: usize = VALUE_TILE_TOKENS;
     let rows = if R > 0 { R } else { rows };
-    debug_assert!((1..=16).contains(&rows));
+    let per_tile = rows * NG;
+    debug_assert!((1..=16).contains(&per_tile));
     let nt = (first + n).div_ceil(T);
-    let per = 16 / rows;
-    let (pp, sp, zp) = (
-        p.as_ptr(),
-        s.as_ptr() as *const u16,
-        z.as_ptr() as *const u16,
-    );
-    let (hp, lp) = (hi.as_mut_ptr(), lo.map(|l| l.as_mut_ptr()));
+    let per = 16 / per_tile;
+    let pp = p.as_ptr();
+    // Item `g·rows + r` of a tile: group `g`, row `r`.
     let mut zeros = [[_mm512_setzero_ps(); 2]; 16];
     let mut w = [[_mm512_setzero_ps(); 2]; 16];
     let mut m = [_mm512_setzero_ps(); 16];
@@ -851,8 +957,10 @@ unsafe fn value_weights_rows<const R: usize>(
         for jj in 0..count {
             let j = j0 + jj;
             let tile_at = (j * T) as isize - first as isize;
-            prefetch_ahead(sp.wrapping_offset(tile_at) as *const u8, 2 * T);
-            prefetch_ahead(zp.wrapping_offset(tile_at) as *const u8, 2 * T);
+            for g in 0..NG {
+                prefetch_ahead(sp[g].wrapping_offset(tile_at) as *const u8, 2 * T);
+                prefetch_ahead(zp[g].wrapping_offset(tile_at) as *const u8, 2 * T);
+            }
             for half in 0..2 {
                 // Token index of lane 0 (may be "negative": lanes below `first` are masked
                 // off); lane t is kept if 0 ≤ base + t < n.
@@ -866,27 +974,34 @@ unsafe fn value_weights_rows<const R: usize>(
                     mask &= if left <= 0 { 0 } else { (1u32 << left) - 1 };
                 }
                 let mask = mask as __mmask16;
-                let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                    mask,
-                    sp.wrapping_offset(base) as *const _,
-                ));
-                let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                    mask,
-                    zp.wrapping_offset(base) as *const _,
-                ));
+                let mut sv = [_mm512_setzero_ps(); NG];
+                let mut zv = [_mm512_setzero_ps(); NG];
+                for g in 0..NG {
+                    sv[g] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        mask,
+                        sp[g].wrapping_offset(base) as *const _,
+                    ));
+                    zv[g] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        mask,
+                        zp[g].wrapping_offset(base) as *const _,
+                    ));
+                }
                 for r in 0..rows {
                     let at = (r * p_stride) as isize + base;
                     let pv = _mm512_maskz_loadu_ps(mask, pp.wrapping_offset(at));
-                    w[jj * rows + r][half] = _mm512_mul_ps(pv, sv);
-                    zeros[r][half] = _mm512_fmadd_ps(pv, zv, zeros[r][half]);
+                    for g in 0..NG {
+                        let item = g * rows + r;
+                        w[jj * per_tile + item][half] = _mm512_mul_ps(pv, sv[g]);
+                        zeros[item][half] = _mm512_fmadd_ps(pv, zv[g], zeros[item][half]);
+                    }
                 }
             }
-            for r in 0..rows {
-                let [w0, w1] = w[jj * rows + r];
-                m[jj * rows + r] = _mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1));
+            for item in jj * per_tile..(jj + 1) * per_tile {
+                let [w0, w1] = w[item];
+                m[item] = _mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1));
             }
         }
-        for mi in &mut m[count * rows..] {
+        for mi in &mut m[count * per_tile..] {
             *mi = _mm512_setzero_ps();
         }
         let (k, sig) = i8_scales(reduce16::<true>(&m));
@@ -894,19 +1009,23 @@ unsafe fn value_weights_rows<const R: usize>(
         _mm512_storeu_ps(sigs.as_mut_ptr(), sig);
         for jj in 0..count {
             let j = j0 + jj;
-            for r in 0..rows {
-                let item = jj * rows + r;
-                sigma[r * nt + j] = sigs[item];
-                let kj = _mm512_set1_ps(ks[item]);
-                for half in 0..2 {
-                    let at = (r * nt + j) * T + half * 16;
-                    round_i8(w[item][half], kj, hp.add(at), lp.map(|l| l.add(at)));
+            for g in 0..NG {
+                for r in 0..rows {
+                    let item = jj * per_tile + g * rows + r;
+                    // Row `r` of group `g`: row `g·rows + r` of the stacked output.
+                    let out_row = g * rows + r;
+                    *sigma.add(out_row * nt + j) = sigs[item];
+                    let kj = _mm512_set1_ps(ks[item]);
+                    for half in 0..2 {
+                        let at = (out_row * nt + j) * T + half * 16;
+                        round_i8(w[item][half], kj, hp.add(at), lp.map(|l| l.add(at)));
+                    }
                 }
             }
         }
     }
-    for r in 0..rows {
-        zero[r] = _mm512_reduce_add_ps(_mm512_add_ps(zeros[r][0], zeros[r][1]));
+    for item in 0..per_tile {
+        *zero.add(item) = _mm512_reduce_add_ps(_mm512_add_ps(zeros[item][0], zeros[item][1]));
     }
 }
 
