@@ -165,7 +165,26 @@ impl FpRows<'_> {
             }
         }
     }
+
+    /// Prefetches row `pos` if there is one: the rows are read one by one, each through a
+    /// few short loops, too slowly for the hardware prefetcher to run ahead of a cold cache.
+    #[inline(always)]
+    fn prefetch(&self, pos: usize, d: usize) {
+        let (at, bytes) = match self {
+            FpRows::F32 { base, rows } if (pos - base + 1) * d <= rows.len() => {
+                (rows[(pos - base) * d..].as_ptr() as *const u8, 4 * d)
+            }
+            FpRows::F16 { base, rows } if (pos - base + 1) * d <= rows.len() => {
+                (rows[(pos - base) * d..].as_ptr() as *const u8, 2 * d)
+            }
+            _ => return,
+        };
+        attention::prefetch_ahead_by::<0>(at, bytes);
+    }
 }
+
+/// How many rows ahead the residual loops prefetch.
+const FP_ROWS_AHEAD: usize = 8;
 
 /// The packed cache of one model.
 pub struct PackedKvCache {
@@ -1016,6 +1035,7 @@ fn run_task<const F16C: bool>(
         packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, scores, len, glue);
     }
     for pos in a.max(kq)..b {
+        view.k_fp.prefetch(pos + FP_ROWS_AHEAD, d);
         let row = view.k_fp.row::<F16C>(pos, d, row_buf);
         for r in 0..rows {
             scores[r * len + pos - a] =
@@ -1060,6 +1080,7 @@ fn run_task<const F16C: bool>(
         &mut acc_fp
     };
     for pos in a.max(vq)..b {
+        view.v_fp.prefetch(pos + FP_ROWS_AHEAD, d);
         let row = view.v_fp.row::<F16C>(pos, d, row_buf);
         for r in 0..rows {
             attention::axpy(scores[r * len + pos - a], row, &mut acc[r * d..(r + 1) * d]);
