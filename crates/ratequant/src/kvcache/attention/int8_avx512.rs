@@ -180,18 +180,28 @@ unsafe fn key_scores_fit<const R: usize>(
     out_stride: usize,
     max: &mut [f32],
 ) {
-    if d == 64 {
-        key_scores_d::<R, 64>(codes, tiles, d, bits, w, scales, out, out_stride, max)
-    } else {
-        key_scores_d::<R, 0>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+    match (d == 64, scales.lo_scale.is_some()) {
+        (true, false) => {
+            key_scores_d::<R, 64, false>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+        }
+        (true, true) => {
+            key_scores_d::<R, 64, true>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+        }
+        (false, false) => {
+            key_scores_d::<R, 0, false>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+        }
+        (false, true) => {
+            key_scores_d::<R, 0, true>(codes, tiles, d, bits, w, scales, out, out_stride, max)
+        }
     }
 }
 
 /// [`key_scores`] with `R` weight rows: each tile's sums go through the float step in
-/// registers, and the rows' maxima are kept 16 lanes wide until the end.
+/// registers, and the rows' maxima are kept 16 lanes wide until the end. `SPLIT`: the weights
+/// are split (`R/2` score rows, the lo rows after the hi rows), else `R` score rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn key_scores_d<const R: usize, const D: usize>(
+unsafe fn key_scores_d<const R: usize, const D: usize, const SPLIT: bool>(
     codes: *const u8,
     tiles: usize,
     d: usize,
@@ -202,31 +212,33 @@ unsafe fn key_scores_d<const R: usize, const D: usize>(
     out_stride: usize,
     max: &mut [f32],
 ) {
-    let rows = scales.rows;
+    // A constant row count, so that the epilogue unrolls with the maxima in registers.
+    let rows = if SPLIT { R / 2 } else { R };
+    debug_assert_eq!(rows, scales.rows);
+    let lo = scales.lo_scale.unwrap_or(0.0);
     let mut maxes = [_mm512_set1_ps(f32::NEG_INFINITY); R];
     let (sigma, bias) = (scales.sigma.as_ptr(), scales.bias.as_ptr());
     let block_tiles = w.block_tiles;
     let end = |tile: usize, total: &[__m512i; R]| {
         let j = tile / block_tiles;
-        for r in 0..rows.min(R) {
+        for r in 0..rows {
             let at = j * rows + r;
             let (sig, b) = (*sigma.add(at), _mm512_set1_ps(*bias.add(at)));
             let h = _mm512_cvtepi32_ps(total[r]);
-            let x = match scales.lo_scale {
-                // The lo rows follow the hi rows: row `rows + r` < R.
-                Some(lo) if rows + r < R => {
-                    let l = _mm512_cvtepi32_ps(total[rows + r]);
-                    let inner = _mm512_fmadd_ps(l, _mm512_set1_ps(sig * lo), b);
-                    _mm512_fmadd_ps(h, _mm512_set1_ps(sig), inner)
-                }
-                _ => _mm512_fmadd_ps(h, _mm512_set1_ps(sig), b),
+            let x = if SPLIT {
+                // The lo rows follow the hi rows.
+                let l = _mm512_cvtepi32_ps(total[rows + r]);
+                let inner = _mm512_fmadd_ps(l, _mm512_set1_ps(sig * lo), b);
+                _mm512_fmadd_ps(h, _mm512_set1_ps(sig), inner)
+            } else {
+                _mm512_fmadd_ps(h, _mm512_set1_ps(sig), b)
             };
             _mm512_storeu_ps(out.add(r * out_stride + tile * KEY_TILE_TOKENS), x);
             maxes[r] = _mm512_max_ps(x, maxes[r]);
         }
     };
     key_dot_rows::<R, D>(codes, tiles, d, bits, 0, d, w, end);
-    for r in 0..rows.min(R) {
+    for r in 0..rows {
         max[r] = _mm512_reduce_max_ps(maxes[r]);
     }
 }
