@@ -1079,7 +1079,17 @@ fn run_task<const F16C: bool>(
     } else {
         &mut acc_fp
     };
-    for pos in a.max(vq)..b {
+    let mut from = a.max(vq);
+    if let FpRows::F16 { base, rows: v } = &view.v_fp {
+        // f16 residual rows: one pass with the sums held in registers where it can.
+        if from < b && isa == Isa::Avx512 && d == 64 && rows <= 4 {
+            let v = &v[(from - base) * d..(b - base) * d];
+            let at = acc.len().min(rows * d);
+            attention::axpy_f16_rows(isa, &scores[from - a..], len, rows, v, d, &mut acc[..at]);
+            from = b;
+        }
+    }
+    for pos in from..b {
         view.v_fp.prefetch(pos + FP_ROWS_AHEAD, d);
         let row = view.v_fp.row::<F16C>(pos, d, row_buf);
         for r in 0..rows {

@@ -216,3 +216,41 @@ pub(super) unsafe fn softmax_block(scores: &mut [f32]) -> (f32, f32) {
 pub(super) unsafe fn softmax_exp(scores: &mut [f32], max: f32) -> f32 {
     simd::softmax_exp::<Avx512>(scores, max)
 }
+
+/// See [`super::axpy_f16_rows`]: `R ≤ 4` rows of a 64-wide head, the sums in registers for
+/// all positions (each element gets the same `acc + p·v` in the same order as
+/// [`super::axpy`]), the f16 rows prefetched a few rows ahead.
+#[target_feature(enable = "avx512f,f16c")]
+pub(super) unsafe fn axpy_f16_rows_64<const R: usize>(
+    p: &[f32],
+    p_stride: usize,
+    v: &[half::f16],
+    acc: &mut [f32],
+) {
+    const D: usize = 64;
+    let n = v.len() / D;
+    let (pp, vp, ap) = (p.as_ptr(), v.as_ptr() as *const u16, acc.as_mut_ptr());
+    let mut sums = [[_mm512_setzero_ps(); 4]; R];
+    for r in 0..R {
+        for c in 0..4 {
+            sums[r][c] = _mm512_loadu_ps(ap.add(r * D + 16 * c));
+        }
+    }
+    for i in 0..n {
+        super::prefetch_ahead_by::<{ 8 * 2 * D }>(vp.add(i * D) as *const u8, 2 * D);
+        let row: [__m512; 4] = std::array::from_fn(|c| {
+            _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(i * D + 16 * c) as *const _))
+        });
+        for r in 0..R {
+            let w = _mm512_set1_ps(*pp.add(r * p_stride + i));
+            for c in 0..4 {
+                sums[r][c] = _mm512_add_ps(sums[r][c], _mm512_mul_ps(w, row[c]));
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..4 {
+            _mm512_storeu_ps(ap.add(r * D + 16 * c), sums[r][c]);
+        }
+    }
+}

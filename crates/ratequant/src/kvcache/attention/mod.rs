@@ -651,6 +651,46 @@ pub fn axpy(w: f32, x: &[f32], acc: &mut [f32]) {
     }
 }
 
+/// `acc[r·d..(r + 1)·d] += p[r·p_stride + i] · v_i` for every f16 row `v_i` of `v` (`d` wide)
+/// and `r < rows`: [`axpy`] of each widened row into each row's sums, the same bits. With
+/// AVX-512 and 64-wide heads of up to 4 rows the sums stay in registers across the rows.
+pub fn axpy_f16_rows(
+    isa: Isa,
+    p: &[f32],
+    p_stride: usize,
+    rows: usize,
+    v: &[half::f16],
+    d: usize,
+    acc: &mut [f32],
+) {
+    let n = v.len() / d.max(1);
+    assert!(v.len() == n * d, "axpy_f16_rows: rows not whole");
+    assert!(rows == 0 || (p.len() >= (rows - 1) * p_stride + n && acc.len() >= rows * d));
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && d == 64 && isa.is_available() && is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX-512 F and F16C detected; lengths asserted.
+        unsafe {
+            match rows {
+                1 => return avx512::axpy_f16_rows_64::<1>(p, p_stride, v, acc),
+                2 => return avx512::axpy_f16_rows_64::<2>(p, p_stride, v, acc),
+                3 => return avx512::axpy_f16_rows_64::<3>(p, p_stride, v, acc),
+                4 => return avx512::axpy_f16_rows_64::<4>(p, p_stride, v, acc),
+                _ => {}
+            }
+        }
+    }
+    let _ = isa;
+    let mut row = vec![0.0f32; d];
+    for (i, v) in v.chunks_exact(d).enumerate() {
+        for (x, h) in row.iter_mut().zip(v) {
+            *x = h.to_f32();
+        }
+        for r in 0..rows {
+            axpy(p[r * p_stride + i], &row, &mut acc[r * d..(r + 1) * d]);
+        }
+    }
+}
+
 /// One block's unnormalised softmax state: running max, sum of exponentials, and the rows'
 /// accumulated outputs scaled by `exp(−max)`.
 #[derive(Debug, Clone)]
@@ -688,6 +728,44 @@ pub fn merge_factors<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every path of `axpy_f16_rows` gives what widening each row and `axpy` give, bit for
+    /// bit, whatever the rows and their count.
+    #[test]
+    fn axpy_f16_rows_equals_axpy_per_row() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        };
+        for (d, rows, n) in [
+            (64usize, 3usize, 130usize),
+            (64, 1, 1),
+            (64, 4, 7),
+            (64, 5, 9),
+            (32, 2, 5),
+        ] {
+            let p_stride = n + 3;
+            let p: Vec<f32> = (0..rows * p_stride).map(|_| next().abs()).collect();
+            let v: Vec<half::f16> = (0..n * d).map(|_| half::f16::from_f32(next())).collect();
+            let init: Vec<f32> = (0..rows * d).map(|_| next()).collect();
+            let mut want = init.clone();
+            for i in 0..n {
+                let row: Vec<f32> = v[i * d..(i + 1) * d].iter().map(|h| h.to_f32()).collect();
+                for r in 0..rows {
+                    axpy(p[r * p_stride + i], &row, &mut want[r * d..(r + 1) * d]);
+                }
+            }
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                let mut got = init.clone();
+                axpy_f16_rows(isa, &p, p_stride, rows, &v, d, &mut got);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{isa:?} d {d} rows {rows} n {n}");
+            }
+        }
+    }
 
     /// The AVX2 dot product equals its definition bit for bit, for every length around the
     /// chunk size and for operands of unequal length (chunks and tails pair up as the
