@@ -187,8 +187,24 @@ pub(super) fn key_scores<'s, const F16C: bool>(
     None
 }
 
+/// Whether [`values`] can take scores and their row maxima (`exp`) instead of
+/// probabilities, computing the softmax's exponentials as it rounds the weights: single-`i8`
+/// weights of up to 4 channel groups, on the AVX-512 kernels (elsewhere it would gain
+/// nothing over the softmax's own pass).
+pub(super) fn values_fuse_exp(kernels: int8::Kernels, value: &ValueStore, rows: usize) -> bool {
+    let core = &value.core;
+    let groups = core.layout.channel_groups(core.head_dim);
+    kernels == int8::Kernels::Avx512Vnni
+        && int8::vnni_available()
+        && core.bits < SPLIT_BITS
+        && groups <= 4
+        && rows * groups <= 16
+}
+
 /// Accumulates `Σ_pos p[r][pos]·v[pos]` over quantized positions `a..e` into `acc`
-/// (`rows × head_dim`), `p[r][pos] = probs[r·len + pos − a]` (tiled values).
+/// (`rows × head_dim`), `p[r][pos] = probs[r·len + pos − a]` (tiled values). With `exp =
+/// Some((max, sums))` (only where [`values_fuse_exp`]), `probs` holds scores:
+/// `p = exp(score − max[r])`, whose sums are added to `sums[r]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn values<const F16C: bool>(
@@ -201,6 +217,7 @@ pub(super) fn values<const F16C: bool>(
     rows: usize,
     acc: &mut [f32],
     scratch: &mut GlueScratch,
+    exp: Option<(&[f32], &mut [f32])>,
 ) {
     const T: usize = int8::VALUE_TILE_TOKENS;
     let core = &value.core;
@@ -239,6 +256,7 @@ pub(super) fn values<const F16C: bool>(
             w8,
             sigma,
             zero,
+            exp,
         );
         for g in 0..groups {
             let (c0, c1) = (g * group, ((g + 1) * group).min(d));
@@ -268,6 +286,10 @@ pub(super) fn values<const F16C: bool>(
         );
         return;
     }
+    assert!(
+        exp.is_none(),
+        "values: probabilities from scores only where fuse_exp says"
+    );
     for (g, c0) in (0..d).step_by(core.layout.group).enumerate() {
         let c1 = (c0 + core.layout.group).min(d);
         let (s, z) = (&core.scales[g][a..e], &core.zeros[g][a..e]);

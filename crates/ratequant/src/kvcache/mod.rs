@@ -1042,7 +1042,13 @@ fn run_task<const F16C: bool>(
                 attention::dot_with::<F16C>(&prep.q[r * d..(r + 1) * d], row);
         }
     }
-    let softmax = match known_max {
+    let value = &view.value.core;
+    let vq = value.layout.quantized_len(p + 1, residual);
+    let v_end = b.min(vq);
+    // Where the value weights compute the packed positions' exponentials themselves, the
+    // softmax takes only the positions after them: each row's max and, filled in below, sum.
+    let mut fused: Option<([f32; 16], [f32; 16])> = None;
+    let mut softmax = match known_max {
         Some(maxes) => {
             // The residual positions' scores join the packed ones' maxima.
             for (r, m) in maxes.iter_mut().enumerate() {
@@ -1051,24 +1057,46 @@ fn run_task<const F16C: bool>(
                     .iter()
                     .fold(*m, |m, &x| if x > m { x } else { m });
             }
-            attention::softmax_rows_with_max(isa, scores, len, maxes)
+            if a < v_end
+                && view.value.tiled
+                && int8_glue::values_fuse_exp(kernels, view.value, rows)
+            {
+                let (mut max, mut sum) = ([0.0f32; 16], [0.0f32; 16]);
+                for r in 0..rows {
+                    let tail = &mut scores[r * len + v_end - a..(r + 1) * len];
+                    (max[r], sum[r]) = (maxes[r], attention::softmax_exp(isa, tail, maxes[r]));
+                }
+                fused = Some((max, sum));
+                Vec::new()
+            } else {
+                attention::softmax_rows_with_max(isa, scores, len, maxes)
+            }
         }
         None => attention::softmax_rows(isa, scores, len),
     };
     let mut acc_q = vec![0.0f32; rows * d];
-    let value = &view.value.core;
-    let vq = value.layout.quantized_len(p + 1, residual);
     // Unquantized rows add straight into `acc_q` unless it is in the rotated (QuaRot) domain.
     let mut acc_fp = if value.layout.rotated && a.max(vq) < b {
         vec![0.0f32; rows * d]
     } else {
         Vec::new()
     };
-    let packed_end = b.min(vq);
+    let packed_end = v_end;
     if a < packed_end && view.value.tiled {
+        let exp = fused
+            .as_mut()
+            .map(|(max, sum)| (&max[..rows], &mut sum[..rows]));
         int8_glue::values::<F16C>(
-            kernels, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue,
+            kernels, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue, exp,
         );
+        if let Some((max, sum)) = fused {
+            softmax = (0..rows)
+                .map(|r| SoftmaxPart {
+                    max: max[r],
+                    sum: sum[r],
+                })
+                .collect();
+        }
     } else if a < packed_end {
         packed_values::<F16C>(
             isa, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue,

@@ -221,6 +221,7 @@ pub(super) unsafe fn softmax_exp(scores: &mut [f32], max: f32) -> f32 {
 /// all positions (each element gets the same `acc + p·v` in the same order as
 /// [`super::axpy`]), the f16 rows prefetched a few rows ahead.
 #[target_feature(enable = "avx512f,f16c")]
+#[allow(clippy::needless_range_loop)]
 pub(super) unsafe fn axpy_f16_rows_64<const R: usize>(
     p: &[f32],
     p_stride: usize,

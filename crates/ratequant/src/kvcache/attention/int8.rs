@@ -916,6 +916,12 @@ pub fn value_weights(
 /// `hi[g·rows·nt·32..]`, scales at `sigma[g·rows·nt..]` and zero-point sums at
 /// `zero[g·rows..]`, the same bytes and scales as one call per group. The AVX-512 version
 /// reads each probability once for all groups (up to 4 groups, `rows·groups ≤ 16`).
+///
+/// With `exp = Some((max, sums))` (a row each), `p` holds scores rather than probabilities:
+/// the probabilities are `exp(score − max[r])` ([`super::exp_f32`], the softmax's own bits),
+/// and their sum is added to `sums[r]` (in another order than [`super::softmax_exp`] adds
+/// them, so it may differ in the last bits). The AVX-512 version computes them on the way,
+/// saving the softmax its own pass.
 #[allow(clippy::too_many_arguments)]
 pub fn value_weights_groups(
     kernels: Kernels,
@@ -929,6 +935,7 @@ pub fn value_weights_groups(
     hi: &mut [i8],
     sigma: &mut [f32],
     zero: &mut [f32],
+    exp: Option<(&[f32], &mut [f32])>,
 ) {
     let ng = s.len();
     assert_eq!(
@@ -938,6 +945,12 @@ pub fn value_weights_groups(
     );
     if rows == 0 || ng == 0 {
         return;
+    }
+    if let Some((max, sums)) = &exp {
+        assert!(
+            max.len() >= rows && sums.len() >= rows,
+            "value_weights_groups: exp rows"
+        );
     }
     let nt = (first + n).div_ceil(VALUE_TILE_TOKENS);
     let (w_len, s_len) = (rows * nt * VALUE_TILE_TOKENS, rows * nt);
@@ -951,31 +964,40 @@ pub fn value_weights_groups(
         unsafe {
             match ng {
                 1 => {
-                    return groups::<1>(
-                        p,
-                        p_stride,
-                        rows,
-                        n,
-                        [s[0]],
-                        [z[0]],
-                        first,
-                        hi,
-                        sigma,
-                        zero,
-                    )
+                    let (s, z) = ([s[0]], [z[0]]);
+                    return groups::<1>(p, p_stride, rows, n, s, z, first, hi, sigma, zero, exp);
                 }
                 2 => {
                     let (s, z) = ([s[0], s[1]], [z[0], z[1]]);
-                    return groups::<2>(p, p_stride, rows, n, s, z, first, hi, sigma, zero);
+                    return groups::<2>(p, p_stride, rows, n, s, z, first, hi, sigma, zero, exp);
                 }
                 4 => {
                     let (s, z) = ([s[0], s[1], s[2], s[3]], [z[0], z[1], z[2], z[3]]);
-                    return groups::<4>(p, p_stride, rows, n, s, z, first, hi, sigma, zero);
+                    return groups::<4>(p, p_stride, rows, n, s, z, first, hi, sigma, zero, exp);
                 }
                 _ => {}
             }
         }
     }
+    // The definition: the probabilities first, then group by group.
+    let probs: Vec<f32>;
+    let (p, p_stride) = match exp {
+        Some((max, sums)) => {
+            probs = (0..rows)
+                .flat_map(|r| {
+                    p[r * p_stride..r * p_stride + n]
+                        .iter()
+                        .map(move |&x| (r, x))
+                })
+                .map(|(r, x)| super::exp_f32(x - max[r]))
+                .collect();
+            for (r, sum) in sums.iter_mut().enumerate().take(rows) {
+                *sum += probs[r * n..(r + 1) * n].iter().sum::<f32>();
+            }
+            (&probs[..], n)
+        }
+        None => (p, p_stride),
+    };
     for g in 0..ng {
         value_weights(
             kernels,
@@ -1411,7 +1433,64 @@ mod tests {
                 );
                 value_weights_groups(
                     level, &p, p_stride, rows, n, &sl, &zl, first, &mut a.0, &mut a.1, &mut a.2,
+                    None,
                 );
+                // From scores: the same weights as from their exponentials, and the sums.
+                let max: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32).collect();
+                let scores: Vec<f32> = (0..rows * p_stride)
+                    .map(|i| max[i / p_stride] + p[i].max(1e-30).ln())
+                    .collect();
+                let exps: Vec<f32> = (0..rows * p_stride)
+                    .map(|i| crate::kvcache::attention::exp_f32(scores[i] - max[i / p_stride]))
+                    .collect();
+                let mut e = (
+                    vec![3i8; ng * rows * ws],
+                    vec![3f32; ng * rows * tiles],
+                    vec![3f32; ng * rows],
+                );
+                let mut want_w = e.clone();
+                let mut sums = (vec![0.5f32; rows], vec![0.5f32; rows]);
+                value_weights_groups(
+                    level,
+                    &scores,
+                    p_stride,
+                    rows,
+                    n,
+                    &sl,
+                    &zl,
+                    first,
+                    &mut e.0,
+                    &mut e.1,
+                    &mut e.2,
+                    Some((&max, &mut sums.0)),
+                );
+                value_weights_groups(
+                    Kernels::Scalar,
+                    &exps,
+                    p_stride,
+                    rows,
+                    n,
+                    &sl,
+                    &zl,
+                    first,
+                    &mut want_w.0,
+                    &mut want_w.1,
+                    &mut want_w.2,
+                    None,
+                );
+                assert_eq!(
+                    (&e.0, &e.1),
+                    (&want_w.0, &want_w.1),
+                    "{what}: weights from scores"
+                );
+                for r in 0..rows {
+                    let want: f32 = 0.5 + exps[r * p_stride..r * p_stride + n].iter().sum::<f32>();
+                    let got = sums.0[r];
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want,
+                        "{what}: sum {got} vs {want}"
+                    );
+                }
                 for g in 0..ng {
                     value_weights(
                         level,

@@ -917,8 +917,8 @@ pub(super) unsafe fn value_weights(
     macro_rules! rows {
         ($($r:literal)*) => {
             match rows {
-                $($r => value_weights_rows::<$r, 1>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),)*
-                _ => value_weights_rows::<0, 1>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero),
+                $($r => value_weights_rows::<$r, 1, false>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero, NO_EXP),)*
+                _ => value_weights_rows::<0, 1, false>(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero, NO_EXP),
             }
         };
     }
@@ -928,6 +928,9 @@ pub(super) unsafe fn value_weights(
 /// See [`super::int8::value_weights_groups`]: [`value_weights`] for `NG` channel groups at
 /// once, `rows·NG ≤ 16` (checked by the caller), without `lo` weights. Each token's
 /// probability is loaded once for all groups, and all groups' items share the reductions.
+/// With `exp` (`(max, sums)`, a row each), `p` holds scores: the probabilities are
+/// `exp(score − max[r])`, computed here as [`super::softmax_exp`] computes them, and their
+/// sums are added to `sums[r]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn value_weights_groups<const NG: usize>(
@@ -941,27 +944,41 @@ pub(super) unsafe fn value_weights_groups<const NG: usize>(
     hi: &mut [i8],
     sigma: &mut [f32],
     zero: &mut [f32],
+    exp: Option<(&[f32], &mut [f32])>,
 ) {
     let (s, z) = (
         s.map(|x| x.as_ptr() as *const u16),
         z.map(|x| x.as_ptr() as *const u16),
     );
     let (hi, sigma, zero) = (hi.as_mut_ptr(), sigma.as_mut_ptr(), zero.as_mut_ptr());
-    match rows {
-        1 => value_weights_rows::<1, NG>(p, p_stride, 1, n, s, z, first, hi, None, sigma, zero),
-        2 => value_weights_rows::<2, NG>(p, p_stride, 2, n, s, z, first, hi, None, sigma, zero),
-        3 => value_weights_rows::<3, NG>(p, p_stride, 3, n, s, z, first, hi, None, sigma, zero),
-        4 => value_weights_rows::<4, NG>(p, p_stride, 4, n, s, z, first, hi, None, sigma, zero),
-        _ => value_weights_rows::<0, NG>(p, p_stride, rows, n, s, z, first, hi, None, sigma, zero),
+    macro_rules! rows {
+        ($e:literal, $x:expr) => {
+            match rows {
+                1 => value_weights_rows::<1, NG, $e>(p, p_stride, 1, n, s, z, first, hi, None, sigma, zero, $x),
+                2 => value_weights_rows::<2, NG, $e>(p, p_stride, 2, n, s, z, first, hi, None, sigma, zero, $x),
+                3 => value_weights_rows::<3, NG, $e>(p, p_stride, 3, n, s, z, first, hi, None, sigma, zero, $x),
+                4 => value_weights_rows::<4, NG, $e>(p, p_stride, 4, n, s, z, first, hi, None, sigma, zero, $x),
+                _ => value_weights_rows::<0, NG, $e>(p, p_stride, rows, n, s, z, first, hi, None, sigma, zero, $x),
+            }
+        };
+    }
+    match exp {
+        Some((max, sums)) => rows!(true, (max.as_ptr(), sums.as_mut_ptr())),
+        None => rows!(false, NO_EXP),
     }
 }
 
+/// The `exp` argument of [`value_weights_rows`] when it takes probabilities.
+const NO_EXP: (*const f32, *mut f32) = (std::ptr::null(), std::ptr::null_mut());
+
 /// [`value_weights`] for `R` rows (`R` 0: `rows` rows) and `NG` channel groups, `rows·NG ≤
 /// 16`: group `g`'s weights at `hi[g·rows·nt·32..]`, scales at `sigma[g·rows·nt..]`,
-/// zero-point sums at `zero[g·rows..]`.
+/// zero-point sums at `zero[g·rows..]`. `EXP`: `p` holds scores, turned into probabilities
+/// with the row maxima at `exp.0`, whose sums are added to `exp.1` (see
+/// [`value_weights_groups`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn value_weights_rows<const R: usize, const NG: usize>(
+unsafe fn value_weights_rows<const R: usize, const NG: usize, const EXP: bool>(
     p: &[f32],
     p_stride: usize,
     rows: usize,
@@ -973,9 +990,19 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize>(
     lp: Option<*mut i8>,
     sigma: *mut f32,
     zero: *mut f32,
+    exp: (*const f32, *mut f32),
 ) {
+    use super::avx512::Avx512;
+    use super::simd::Simd;
     const T: usize = VALUE_TILE_TOKENS;
     let rows = if R > 0 { R } else { rows };
+    let mut p_sums = [_mm512_setzero_ps(); 16];
+    let mut p_max = [_mm512_setzero_ps(); 16];
+    if EXP {
+        for r in 0..rows {
+            p_max[r] = _mm512_set1_ps(*exp.0.add(r));
+        }
+    }
     let per_tile = rows * NG;
     debug_assert!((1..=16).contains(&per_tile));
     let nt = (first + n).div_ceil(T);
@@ -1022,7 +1049,13 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize>(
                 }
                 for r in 0..rows {
                     let at = (r * p_stride) as isize + base;
-                    let pv = _mm512_maskz_loadu_ps(mask, pp.wrapping_offset(at));
+                    let mut pv = _mm512_maskz_loadu_ps(mask, pp.wrapping_offset(at));
+                    if EXP {
+                        // The lanes outside the tokens weigh 0, as loaded without `EXP`.
+                        let e = Avx512::exp(_mm512_sub_ps(pv, p_max[r]));
+                        pv = _mm512_maskz_mov_ps(mask, e);
+                        p_sums[r] = _mm512_add_ps(p_sums[r], pv);
+                    }
                     for g in 0..NG {
                         let item = g * rows + r;
                         w[jj * per_tile + item][half] = _mm512_mul_ps(pv, sv[g]);
@@ -1081,6 +1114,11 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize>(
     }
     for item in 0..per_tile {
         *zero.add(item) = _mm512_reduce_add_ps(_mm512_add_ps(zeros[item][0], zeros[item][1]));
+    }
+    if EXP {
+        for r in 0..rows {
+            *exp.1.add(r) += _mm512_reduce_add_ps(p_sums[r]);
+        }
     }
 }
 
