@@ -1109,12 +1109,12 @@ fn run_task<const F16C: bool>(
     };
     let mut from = a.max(vq);
     if let FpRows::F16 { base, rows: v } = &view.v_fp {
-        // f16 residual rows: one pass with the sums held in registers where it can.
-        if from < b && isa == Isa::Avx512 && d == 64 && rows <= 4 {
-            let v = &v[(from - base) * d..(b - base) * d];
-            let at = acc.len().min(rows * d);
-            attention::axpy_f16_rows(isa, &scores[from - a..], len, rows, v, d, &mut acc[..at]);
-            from = b;
+        // f16 residual rows: one pass with the sums held in registers where a kernel fits.
+        if from < b {
+            let (v, p) = (&v[(from - base) * d..(b - base) * d], &scores[from - a..]);
+            if attention::try_axpy_f16_rows(isa, p, len, rows, v, d, acc) {
+                from = b;
+            }
         }
     }
     for pos in from..b {
