@@ -535,31 +535,16 @@ pub fn value_accumulate(
     if rows == 0 || tiles == 0 {
         return;
     }
-    assert!(
-        (1..=8).contains(&bits),
-        "value_accumulate: bits {bits} outside 1..=8"
-    );
-    assert!(
-        channels.start.is_multiple_of(16)
-            && channels.end.is_multiple_of(16)
-            && channels.end <= head_dim,
-        "value_accumulate: channels {channels:?} not aligned to lane groups"
-    );
-    assert!(
-        codes.len() >= tiles * value_tile_bytes(head_dim, bits),
-        "value_accumulate: codes too short"
-    );
-    assert!(
-        w.len() >= (rows - 1) * w_stride + tiles * VALUE_TILE_TOKENS,
-        "value_accumulate: weights too short"
-    );
-    assert!(
-        scale.len() >= (rows - 1) * scale_stride + tiles,
-        "value_accumulate: scales too short"
-    );
-    assert!(
-        acc.len() >= (rows - 1) * acc_stride + channels.end,
-        "value_accumulate: accumulator too short"
+    value_accumulate_checks(
+        codes,
+        tiles,
+        head_dim,
+        bits,
+        &channels,
+        (w.len(), w_stride),
+        (scale.len(), scale_stride),
+        rows,
+        (acc.len(), acc_stride),
     );
     let kernels = checked(kernels);
     let per_pass = kernels.rows_per_pass();
@@ -616,6 +601,48 @@ pub fn value_accumulate(
     }
 }
 
+/// The bounds every value kernel relies on (`rows` and `tiles` nonzero): the weights,
+/// scales and sums given as `(available length, row stride)`.
+#[allow(clippy::too_many_arguments)]
+fn value_accumulate_checks(
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    channels: &Range<usize>,
+    (w_len, w_stride): (usize, usize),
+    (scale_len, scale_stride): (usize, usize),
+    rows: usize,
+    (acc_len, acc_stride): (usize, usize),
+) {
+    assert!(
+        (1..=8).contains(&bits),
+        "value_accumulate: bits {bits} outside 1..=8"
+    );
+    assert!(
+        channels.start.is_multiple_of(16)
+            && channels.end.is_multiple_of(16)
+            && channels.end <= head_dim,
+        "value_accumulate: channels {channels:?} not aligned to lane groups"
+    );
+    assert!(
+        codes.len() >= tiles * value_tile_bytes(head_dim, bits),
+        "value_accumulate: codes too short"
+    );
+    assert!(
+        w_len >= (rows - 1) * w_stride + tiles * VALUE_TILE_TOKENS,
+        "value_accumulate: weights too short"
+    );
+    assert!(
+        scale_len >= (rows - 1) * scale_stride + tiles,
+        "value_accumulate: scales too short"
+    );
+    assert!(
+        acc_len >= (rows - 1) * acc_stride + channels.end,
+        "value_accumulate: accumulator too short"
+    );
+}
+
 /// [`value_accumulate`] over all channels `0..head_dim`, in channel groups of `group`
 /// channels (a multiple of 16, or at least `head_dim`: one group), group `g` with its own
 /// weights `w[g·w_group_stride..]` and scales `scale[g·scale_group_stride..]`: the same sums
@@ -648,30 +675,26 @@ pub fn value_accumulate_groups(
     if rows == 0 || tiles == 0 {
         return;
     }
+    // Each group's bounds, as one call per group would check them.
+    for g in 0..ng {
+        let c0 = g * group;
+        value_accumulate_checks(
+            codes,
+            tiles,
+            head_dim,
+            bits,
+            &(c0..(c0 + group).min(head_dim)),
+            (w.len().saturating_sub(g * w_group_stride), w_stride),
+            (
+                scale.len().saturating_sub(g * scale_group_stride),
+                scale_stride,
+            ),
+            rows,
+            (acc.len(), acc_stride),
+        );
+    }
     #[cfg(target_arch = "x86_64")]
-    if checked(kernels) == Kernels::Avx512Vnni && head_dim.is_multiple_of(16) {
-        assert!(
-            (1..=8).contains(&bits),
-            "value_accumulate_groups: bits {bits} outside 1..=8"
-        );
-        assert!(
-            codes.len() >= tiles * value_tile_bytes(head_dim, bits),
-            "value_accumulate_groups: codes too short"
-        );
-        let last = (ng - 1) * w_group_stride;
-        assert!(
-            w.len() >= last + (rows - 1) * w_stride + tiles * VALUE_TILE_TOKENS,
-            "value_accumulate_groups: weights too short"
-        );
-        let last = (ng - 1) * scale_group_stride;
-        assert!(
-            scale.len() >= last + (rows - 1) * scale_stride + tiles,
-            "value_accumulate_groups: scales too short"
-        );
-        assert!(
-            acc.len() >= (rows - 1) * acc_stride + head_dim,
-            "value_accumulate_groups: accumulator too short"
-        );
+    if checked(kernels) == Kernels::Avx512Vnni {
         for r0 in (0..rows).step_by(super::MAX_ROWS) {
             let n = super::MAX_ROWS.min(rows - r0);
             // SAFETY: features checked by `checked`; bounds asserted above.
