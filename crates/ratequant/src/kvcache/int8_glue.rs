@@ -18,7 +18,7 @@
 //! drops 254-fold.
 
 use super::attention::int8;
-use super::store::{KeyStore, ValueStore};
+use super::store::{KeyStore, UnitCore, ValueStore};
 use super::{to_f32, GlueScratch, QueryPrep};
 
 /// Units of this many bits or more round their weights to two `i8` (`hi + lo/254`).
@@ -193,12 +193,16 @@ pub(super) fn key_scores<'s, const F16C: bool>(
 /// nothing over the softmax's own pass).
 pub(super) fn values_fuse_exp(kernels: int8::Kernels, value: &ValueStore, rows: usize) -> bool {
     let core = &value.core;
-    let groups = core.layout.channel_groups(core.head_dim);
     kernels == int8::Kernels::Avx512Vnni
         && int8::vnni_available()
-        && core.bits < SPLIT_BITS
-        && groups <= 4
-        && rows * groups <= 16
+        && values_in_one_pass(core)
+        && rows * core.layout.channel_groups(core.head_dim) <= 16
+}
+
+/// Whether [`values`] rounds every channel group's weights in one pass and accumulates all
+/// channels in another: single-`i8` weights of up to 4 channel groups.
+fn values_in_one_pass(core: &UnitCore) -> bool {
+    core.bits < SPLIT_BITS && core.layout.channel_groups(core.head_dim) <= 4
 }
 
 /// Accumulates `Σ_pos p[r][pos]·v[pos]` over quantized positions `a..e` into `acc`
@@ -234,9 +238,9 @@ pub(super) fn values<const F16C: bool>(
     let lo_acc = take(&mut scratch.tmp, if split { 2 * rows * d } else { 0 });
     // Position `pos` sits at tile position `pos − tiles.start·T`; others weigh 0.
     let first = a - tiles.start * T;
-    let group = core.layout.group.min(d);
-    let groups = core.layout.channel_groups(d);
-    if !split && groups <= 4 {
+    if values_in_one_pass(core) {
+        let group = core.layout.group.min(d);
+        let groups = core.layout.channel_groups(d);
         // Every channel group's weights from one pass over the probabilities, then one pass
         // over the tiles for all channels (the same numbers as group by group below).
         let (mut s, mut z) = ([&[][..]; 4], [&[][..]; 4]);
