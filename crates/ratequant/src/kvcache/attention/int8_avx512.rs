@@ -260,12 +260,16 @@ pub(super) unsafe fn value_accumulate(
     acc: &mut [f32],
     acc_stride: usize,
 ) {
-    let groups = WeightGroups {
-        lanes: usize::MAX,
-        w_stride: 0,
-        scale_stride: 0,
+    let weights = ValueWeights {
+        w: w.as_ptr(),
+        w_stride,
+        scale: scale.as_ptr(),
+        scale_stride,
+        group_lanes: usize::MAX,
+        w_group_stride: 0,
+        scale_group_stride: 0,
     };
-    let (codes, w, scale, acc) = (codes.as_ptr(), w.as_ptr(), scale.as_ptr(), acc.as_mut_ptr());
+    let (codes, acc) = (codes.as_ptr(), acc.as_mut_ptr());
     let (c0, c1) = (channels.start, channels.end);
     by_rows!(
         rows,
@@ -276,11 +280,7 @@ pub(super) unsafe fn value_accumulate(
         bits,
         c0,
         c1,
-        w,
-        w_stride,
-        scale,
-        scale_stride,
-        groups,
+        weights,
         acc,
         acc_stride
     )
@@ -307,12 +307,16 @@ pub(super) unsafe fn value_accumulate_groups(
     acc: &mut [f32],
     acc_stride: usize,
 ) {
-    let groups = WeightGroups {
-        lanes: group / 16,
-        w_stride: w_group_stride,
-        scale_stride: scale_group_stride,
+    let weights = ValueWeights {
+        w: w.as_ptr(),
+        w_stride,
+        scale: scale.as_ptr(),
+        scale_stride,
+        group_lanes: group / 16,
+        w_group_stride,
+        scale_group_stride,
     };
-    let (codes, w, scale, acc) = (codes.as_ptr(), w.as_ptr(), scale.as_ptr(), acc.as_mut_ptr());
+    let (codes, acc) = (codes.as_ptr(), acc.as_mut_ptr());
     by_rows!(
         rows,
         value_rows_fit,
@@ -322,24 +326,37 @@ pub(super) unsafe fn value_accumulate_groups(
         bits,
         0,
         head_dim,
-        w,
-        w_stride,
-        scale,
-        scale_stride,
-        groups,
+        weights,
         acc,
         acc_stride
     )
 }
 
-/// Which weights and scales a lane group uses: lane group `g` (counted from the first one
-/// accumulated) takes those of weight group `g / lanes`, `w_stride` and `scale_stride`
-/// apart.
+/// The value kernel's weights (row `r`, token `t` of tile `j` at `w[r·w_stride + 32·j + t]`)
+/// and their scales (`scale[r·scale_stride + j]`). Lane group `g` (counted from the first
+/// one accumulated) takes those of weight group `g / group_lanes`, `w_group_stride` and
+/// `scale_group_stride` further on.
 #[derive(Clone, Copy)]
-struct WeightGroups {
-    lanes: usize,
+struct ValueWeights {
+    w: *const i8,
     w_stride: usize,
+    scale: *const f32,
     scale_stride: usize,
+    group_lanes: usize,
+    w_group_stride: usize,
+    scale_group_stride: usize,
+}
+
+impl ValueWeights {
+    /// Lane group `g`'s weights and scales.
+    #[inline(always)]
+    unsafe fn of_lane_group(&self, g: usize) -> (*const i8, *const f32) {
+        let k = g / self.group_lanes;
+        (
+            self.w.add(k * self.w_group_stride),
+            self.scale.add(k * self.scale_group_stride),
+        )
+    }
 }
 
 /// [`value_rows`] with up to 16 sums in registers where they fit: up to 4 rows of a
@@ -353,31 +370,13 @@ unsafe fn value_rows_fit<const R: usize>(
     bits: u8,
     c0: usize,
     c1: usize,
-    w: *const i8,
-    w_stride: usize,
-    scale: *const f32,
-    scale_stride: usize,
-    groups: WeightGroups,
+    weights: ValueWeights,
     acc: *mut f32,
     acc_stride: usize,
 ) {
     macro_rules! call {
         ($lg:literal) => {
-            value_rows::<R, $lg>(
-                codes,
-                tiles,
-                d,
-                bits,
-                c0,
-                c1,
-                w,
-                w_stride,
-                scale,
-                scale_stride,
-                groups,
-                acc,
-                acc_stride,
-            )
+            value_rows::<R, $lg>(codes, tiles, d, bits, c0, c1, weights, acc, acc_stride)
         };
     }
     match (R <= 4, c1 - c0) {
@@ -398,11 +397,7 @@ unsafe fn value_rows<const R: usize, const LG: usize>(
     bits: u8,
     c0: usize,
     c1: usize,
-    w: *const i8,
-    w_stride: usize,
-    scale: *const f32,
-    scale_stride: usize,
-    groups: WeightGroups,
+    weights: ValueWeights,
     acc: *mut f32,
     acc_stride: usize,
 ) {
@@ -412,18 +407,11 @@ unsafe fn value_rows<const R: usize, const LG: usize>(
     let lane_groups = c0 / 16..c1 / 16;
     let count = if LG > 0 { LG } else { lane_groups.len() };
     // Each lane group's weights and scales.
-    let at_group = |g: usize| {
-        let k = g / groups.lanes;
-        (
-            w.add(k * groups.w_stride),
-            scale.add(k * groups.scale_stride),
-        )
-    };
-    let mut fixed = [(w, scale); 4];
+    let mut fixed = [(weights.w, weights.scale); 4];
     if LG > 0 {
         debug_assert!(lane_groups.len() == LG && LG <= 4);
         for g in 0..LG {
-            fixed[g] = at_group(g);
+            fixed[g] = weights.of_lane_group(g);
         }
     }
     let mut sums = [[_mm512_setzero_ps(); 4]; R];
@@ -438,24 +426,36 @@ unsafe fn value_rows<const R: usize, const LG: usize>(
         let first = codes.add(tile * tile_bytes + 64 * (c0 / 16) * bits as usize);
         prefetch_ahead(first, 64 * lane_groups.len() * bits as usize);
         for g in 0..count {
-            let (wg, sg) = if LG > 0 { fixed[g] } else { at_group(g) };
+            let (wg, sg) = if LG > 0 {
+                fixed[g]
+            } else {
+                weights.of_lane_group(g)
+            };
             let wt = wg.add(tile * VALUE_TILE_TOKENS);
             let lane_group = lane_groups.start + g;
             let base = codes.add(tile * tile_bytes + 64 * lane_group * bits as usize);
             let total = if bits == 3 {
-                plane_dot_3::<R>(base, base.add(128), 0, VALUE_TILE_TOKENS, wt, w_stride)
+                plane_dot_3::<R>(
+                    base,
+                    base.add(128),
+                    0,
+                    VALUE_TILE_TOKENS,
+                    wt,
+                    weights.w_stride,
+                )
             } else {
                 let mut total = [_mm512_setzero_si512(); R];
                 for (pw, off) in planes(bits) {
                     let panel = base.add(64 * off as usize);
-                    let sums = plane_dot_any::<R>(pw, panel, 0, VALUE_TILE_TOKENS, wt, w_stride);
+                    let sums =
+                        plane_dot_any::<R>(pw, panel, 0, VALUE_TILE_TOKENS, wt, weights.w_stride);
                     add_shifted(&mut total, &sums, off);
                 }
                 total
             };
             for r in 0..R {
                 let x = _mm512_cvtepi32_ps(total[r]);
-                let s = _mm512_set1_ps(*sg.add(r * scale_stride + tile));
+                let s = _mm512_set1_ps(*sg.add(r * weights.scale_stride + tile));
                 if LG > 0 {
                     sums[r][g] = _mm512_fmadd_ps(x, s, sums[r][g]);
                 } else {
