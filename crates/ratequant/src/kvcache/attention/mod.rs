@@ -724,17 +724,21 @@ pub fn merge_factors<'a>(
 mod tests {
     use super::*;
 
+    /// Xorshift values uniform in `[−scale/2, scale/2)`, reproducible from `seed`.
+    fn uniform(mut state: u64, scale: f32) -> impl FnMut() -> f32 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        }
+    }
+
     /// `try_axpy_f16_rows` gives what widening each row and `axpy` give, bit for bit, where
     /// it runs; it runs exactly where its kernel fits, and elsewhere leaves the sums alone.
     #[test]
     fn axpy_f16_rows_equals_axpy_per_row() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        };
+        let mut next = uniform(0x2545_F491_4F6C_DD1Du64, 4.0);
         let cases = [
             (64usize, 3usize, 130usize),
             (64, 1, 1),
@@ -780,13 +784,7 @@ mod tests {
             eprintln!("no AVX2/FMA: nothing to compare");
             return;
         }
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
-        };
+        let mut next = uniform(0x9E37_79B9_7F4A_7C15u64, 8.0);
         let a: Vec<f32> = (0..80).map(|_| next()).collect();
         let b: Vec<f32> = (0..80).map(|_| next()).collect();
         for la in 0..=40usize {
@@ -808,13 +806,7 @@ mod tests {
             eprintln!("no AVX2/FMA: nothing to compare");
             return;
         }
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
-        };
+        let mut next = uniform(0x2545_F491_4F6C_DD1Du64, 8.0);
         let a: Vec<f32> = (0..1200).map(|_| next()).collect();
         let b: Vec<f32> = (0..1200).map(|_| next()).collect();
         for la in (0..=100usize).chain([1023, 1024, 1025, 1100]) {
