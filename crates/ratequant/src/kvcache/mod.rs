@@ -27,6 +27,7 @@
 
 pub mod attention;
 pub mod dense;
+mod executor;
 mod int8_glue;
 pub mod memory;
 pub(crate) mod store;
@@ -35,7 +36,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::quant::{Kind, QuantizerSpec};
@@ -700,8 +701,9 @@ thread_local! {
 /// Why not `par_iter`: a decode step is a few hundred microseconds, and handing all of it to
 /// the pool costs two thread wake-ups on its critical path (the workers at the start, the
 /// blocked caller at the end; measured at 11 and 34 µs of a 290 µs step on a 2-core VM).
-/// Here a calling pool worker starts at once (the helpers' wake-up overlaps its first tasks)
-/// and, when the counter runs out, spins for the last task instead of sleeping.
+/// Here a calling pool worker starts at once and, when the counter runs out, spins for the
+/// last task instead of sleeping; the helpers of one call stay for the next one
+/// ([`executor`]), so they join it without a wake-up.
 ///
 /// Why a caller from outside the pool hands the step to the pool all the same: it is one
 /// more thread than there are cores, and the OS now and then put the helper on the caller's
@@ -730,9 +732,6 @@ fn run_tasks_on_worker<T: Send + Sync>(
         .collect();
     let lane_of_thread = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let (started, left) = (AtomicUsize::new(0), AtomicUsize::new(0));
-    // Set when a helper's task panics: its tasks will never be done, and the scope re-raises.
-    let panicked = AtomicBool::new(false);
     let work = || {
         let own = lane_of_thread.fetch_add(1, Ordering::Relaxed) % lanes;
         let run = |scratch: &mut TaskScratch| {
@@ -753,55 +752,11 @@ fn run_tasks_on_worker<T: Send + Sync>(
             Err(_) => run(&mut TaskScratch::default()),
         });
     };
-    rayon::in_place_scope(|scope| {
-        for _ in 0..helpers {
-            scope.spawn(|_| {
-                started.fetch_add(1, Ordering::AcqRel);
-                let _leave = Leave {
-                    left: &left,
-                    panicked: &panicked,
-                };
-                work();
-            });
-        }
-        work();
-        // Wait for the running helpers' last tasks here rather than in the scope, which would
-        // put this thread to sleep and need a wake-up. (A helper that has not started is left
-        // to the scope: spinning for it could starve the pool thread that would run it.) A
-        // task is microseconds; past that a helper lost its core, so give it ours.
-        let mut spins = 0u32;
-        while (done.load(Ordering::Acquire) < n
-            || left.load(Ordering::Acquire) < started.load(Ordering::Acquire))
-            && !panicked.load(Ordering::Acquire)
-        {
-            // About 50 µs of `pause` (≈140 cycles each on recent Intel cores), several tasks.
-            if spins < 1 << 10 {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-    });
+    executor::run(helpers, &work, &|| done.load(Ordering::Acquire) >= n);
     slots
         .into_iter()
         .map(|slot| slot.into_inner().expect("every task ran"))
         .collect()
-}
-
-/// Counts a helper out of [`run_tasks`], also when its task panics.
-struct Leave<'a> {
-    left: &'a AtomicUsize,
-    panicked: &'a AtomicBool,
-}
-
-impl Drop for Leave<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.panicked.store(true, Ordering::Release);
-        }
-        self.left.fetch_add(1, Ordering::Release);
-    }
 }
 
 /// The stores of one KV head as one attention call sees them.
