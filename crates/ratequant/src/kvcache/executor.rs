@@ -55,7 +55,9 @@ impl Step<'_> {
 /// published under the same epoch; a caller withdraws its call (null) and then waits for
 /// `inside` to drop to 0 before its stack frame (the [`Step`]) goes away. With every access
 /// sequentially consistent, either the helper sees the withdrawal or the caller sees the
-/// helper, never neither.
+/// helper, never neither. (The count is the board's, not the call's: where another thread
+/// publishes the moment a call is withdrawn, the first caller returns only when the second
+/// call's helpers leave it. One decode loop never overlaps its calls.)
 struct Board {
     step: AtomicPtr<()>,
     /// Bumped before every publication, so that a helper tells a new call from the one it
