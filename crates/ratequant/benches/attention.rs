@@ -21,6 +21,11 @@
 //! rate of f32 FMAs on the same threads, at the vector width the kernels use (16 lanes with
 //! AVX-512).
 //!
+//! Beside each cache's "vs f16" (the ratio of two medians, measured a few seconds apart) the
+//! summary prints a paired ratio: f16 and the cache's cold steps taken back to back, 41
+//! pairs, median and quartiles of the per-pair ratio, so that slow drifts of a shared machine
+//! fall on both sides of each ratio.
+//!
 //! `RATEQUANT_BENCH_CONTEXTS=1024,16384` limits the contexts;
 //! `RATEQUANT_BENCH_QUANTIZER=kivi:g=128` changes the design;
 //! `RATEQUANT_BENCH_CACHES=f16,packed-2.5` limits the summary's caches (profiling).
@@ -314,6 +319,41 @@ fn median_time(before: impl Fn(), f: impl Fn()) -> Duration {
     times[times.len() / 2]
 }
 
+/// Median and quartiles of `t(base) / t(other)` over 41 pairs of cold steps, the two steps of
+/// a pair back to back (each after its own `before`) and their order alternating: both see the
+/// machine in the same state, so the ratio does not move with the minutes-long drifts that
+/// separate two medians measured apart (the f16 cold step moved by 20% between runs on the
+/// shared VMs measured here).
+fn paired_ratio(
+    before_base: impl Fn(),
+    base: impl Fn(),
+    before_other: impl Fn(),
+    other: impl Fn(),
+) -> (f64, f64, f64) {
+    let timed = |before: &dyn Fn(), f: &dyn Fn()| {
+        before();
+        let start = Instant::now();
+        f();
+        start.elapsed().as_secs_f64()
+    };
+    let mut ratios: Vec<f64> = (0..44)
+        .map(|i| {
+            let (b, o) = if i % 2 == 0 {
+                let b = timed(&before_base, &base);
+                (b, timed(&before_other, &other))
+            } else {
+                let o = timed(&before_other, &other);
+                (timed(&before_base, &base), o)
+            };
+            b / o
+        })
+        .skip(3)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    (ratios[n / 2], ratios[n / 4], ratios[3 * n / 4])
+}
+
 /// Reads `buf` on the pool's threads (read-only, as a decode step's other traffic mostly
 /// is: no dirty lines to write back), pushing what was cached before out of the caches that
 /// `buf` outsizes.
@@ -392,6 +432,11 @@ fn decode_attention(c: &mut Criterion) {
             });
         }
         let only = std::env::var("RATEQUANT_BENCH_CACHES").ok();
+        let f16 = caches
+            .iter()
+            .zip(&previous)
+            .find(|((name, _), _)| name == "f16")
+            .map(|((_, cache), (_, previous))| (cache, previous));
         for ((name, cache), (_, previous)) in caches.iter().zip(&previous) {
             if only
                 .as_ref()
@@ -400,7 +445,7 @@ fn decode_attention(c: &mut Criterion) {
                 continue;
             }
             // On a pool worker, as `ratequant` runs its commands: each step starts at once.
-            let (cold, all_cold, warm, cpu) = rayon::scope(|_| {
+            let (cold, all_cold, warm, cpu, paired) = rayon::scope(|_| {
                 let step = || {
                     black_box(cache.step(&q, &params));
                 };
@@ -420,7 +465,23 @@ fn decode_attention(c: &mut Criterion) {
                 );
                 let warm = median_time(|| {}, step);
                 let cpu = cpu_time_per_call(step);
-                (cold, all_cold, warm, cpu)
+                let paired = f16.filter(|_| name != "f16").map(|(f16, f16_previous)| {
+                    paired_ratio(
+                        || {
+                            black_box(evict(&dram_evictor));
+                            black_box(f16_previous.step(&q, &params));
+                        },
+                        || {
+                            black_box(f16.step(&q, &params));
+                        },
+                        || {
+                            black_box(evict(&dram_evictor));
+                            black_box(previous.step(&q, &params));
+                        },
+                        step,
+                    )
+                });
+                (cold, all_cold, warm, cpu, paired)
             });
             summary.push((
                 tokens,
@@ -430,6 +491,7 @@ fn decode_attention(c: &mut Criterion) {
                 cpu,
                 cache.bytes(),
                 all_cold,
+                paired,
             ));
         }
     }
@@ -456,9 +518,15 @@ fn decode_attention(c: &mut Criterion) {
     println!(
         " peak rate, against the cold step; all-cold: cold without the previous layer's step, code"
     );
-    println!(" and scratch out of cache too, as stop 14 measured cold)");
     println!(
-        "{:>7} {:>15} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10} {:>8} {:>10} {:>10} {:>7} {:>8} {:>12}",
+        " and scratch out of cache too, as stop 14 measured cold; paired: the median and quartiles"
+    );
+    println!(
+        " of f16 / this cache over 41 pairs of cold steps taken back to back, steadier than the"
+    );
+    println!(" ratio of two medians measured apart)");
+    println!(
+        "{:>7} {:>15} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10} {:>8} {:>10} {:>10} {:>7} {:>8} {:>12} {:>22}",
         "tokens",
         "cache",
         "cold µs",
@@ -473,10 +541,11 @@ fn decode_attention(c: &mut Criterion) {
         "bound/warm",
         "fma µs",
         "fma/cold",
-        "all-cold µs"
+        "all-cold µs",
+        "paired vs f16 (q1–q3)"
     );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    for &(tokens, ref name, cold, warm, cpu, bytes, all_cold) in &summary {
+    for &(tokens, ref name, cold, warm, cpu, bytes, all_cold, paired) in &summary {
         let Some(f16) = summary.iter().find(|s| s.0 == tokens && s.1 == "f16") else {
             continue;
         };
@@ -485,7 +554,7 @@ fn decode_attention(c: &mut Criterion) {
         let cpu_us = cpu.map_or(f64::NAN, us);
         let f16_cpu_us = f16.4.map_or(f64::NAN, us);
         println!(
-            "{:>7} {:>15} {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>10} {:>8.1} {:>9.0}% {:>9.0}% {:>7.1} {:>7.0}% {:>12.1}",
+            "{:>7} {:>15} {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>10} {:>8.1} {:>9.0}% {:>9.0}% {:>7.1} {:>7.0}% {:>12.1} {:>22}",
             tokens,
             name,
             us(cold),
@@ -500,7 +569,10 @@ fn decode_attention(c: &mut Criterion) {
             100.0 * bound / us(warm),
             fma_bound,
             100.0 * fma_bound / us(cold),
-            us(all_cold)
+            us(all_cold),
+            paired.map_or(String::new(), |(m, lo, hi)| format!(
+                "{m:.2}× ({lo:.2}–{hi:.2})"
+            ))
         );
     }
 }
