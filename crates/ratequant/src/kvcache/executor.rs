@@ -118,28 +118,31 @@ pub(super) fn run(helpers: usize, work: &(dyn Fn() + Sync), finished: &(dyn Fn()
     }
     let own = catch_unwind(AssertUnwindSafe(work));
     if own.is_ok() {
-        // The helpers' last tasks: a task is microseconds; past that a helper lost its core,
-        // so give it ours.
-        let mut spins = 0u32;
-        while !finished() && !step.panicked.load(SeqCst) {
-            if spins < 1 << 10 {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        // The helpers' last tasks.
+        wait_until(&|| finished() || step.panicked.load(SeqCst));
     }
     BOARD.step.store(std::ptr::null_mut(), SeqCst);
-    while BOARD.inside.load(SeqCst) > 0 {
-        std::hint::spin_loop();
-    }
+    wait_until(&|| BOARD.inside.load(SeqCst) == 0);
     if let Err(payload) = own {
         resume_unwind(payload);
     }
     let helper_panic = step.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(payload) = helper_panic {
         resume_unwind(payload);
+    }
+}
+
+/// Spins until `done()`: a task is microseconds; past about 50 µs of `pause` a helper lost
+/// its core, so give it ours.
+fn wait_until(done: &dyn Fn() -> bool) {
+    let mut spins = 0u32;
+    while !done() {
+        if spins < 1 << 10 {
+            spins += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -236,15 +239,9 @@ fn run_scoped(helpers: usize, work: &(dyn Fn() + Sync), finished: &(dyn Fn() -> 
         // Wait for the running helpers' last tasks here rather than in the scope, which would
         // put this thread to sleep and need a wake-up. (A helper that has not started is left
         // to the scope: spinning for it could starve the pool thread that would run it.)
-        let mut spins = 0u32;
-        while (!finished() || left.load(SeqCst) < started.load(SeqCst)) && !panicked.load(SeqCst) {
-            if spins < 1 << 10 {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        wait_until(&|| {
+            (finished() && left.load(SeqCst) >= started.load(SeqCst)) || panicked.load(SeqCst)
+        });
     });
 }
 
