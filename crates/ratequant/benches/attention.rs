@@ -301,20 +301,21 @@ fn cpu_time_per_call(f: impl Fn()) -> Option<Duration> {
     Some(Duration::from_nanos((cpu1 - cpu0) / calls))
 }
 
+/// Wall time of `f` after an untimed `before`.
+fn timed(before: &dyn Fn(), f: &dyn Fn()) -> Duration {
+    before();
+    let start = Instant::now();
+    f();
+    start.elapsed()
+}
+
 /// Median wall time of `f` over 41 calls, each after an untimed `before`.
 fn median_time(before: impl Fn(), f: impl Fn()) -> Duration {
     for _ in 0..3 {
         before();
         f();
     }
-    let mut times: Vec<Duration> = (0..41)
-        .map(|_| {
-            before();
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
+    let mut times: Vec<Duration> = (0..41).map(|_| timed(&before, &f)).collect();
     times.sort();
     times[times.len() / 2]
 }
@@ -330,12 +331,6 @@ fn paired_ratio(
     before_other: impl Fn(),
     other: impl Fn(),
 ) -> (f64, f64, f64) {
-    let timed = |before: &dyn Fn(), f: &dyn Fn()| {
-        before();
-        let start = Instant::now();
-        f();
-        start.elapsed().as_secs_f64()
-    };
     let mut ratios: Vec<f64> = (0..44)
         .map(|i| {
             let (b, o) = if i % 2 == 0 {
@@ -345,7 +340,7 @@ fn paired_ratio(
                 let o = timed(&before_other, &other);
                 (timed(&before_base, &base), o)
             };
-            b / o
+            b.as_secs_f64() / o.as_secs_f64()
         })
         .skip(3)
         .collect();
@@ -449,13 +444,12 @@ fn decode_attention(c: &mut Criterion) {
                 let step = || {
                     black_box(cache.step(&q, &params));
                 };
-                let cold = median_time(
-                    || {
-                        black_box(evict(&dram_evictor));
-                        black_box(previous.step(&q, &params));
-                    },
-                    step,
-                );
+                // Out of every cache level, then the previous layer's step.
+                let cold_before = || {
+                    black_box(evict(&dram_evictor));
+                    black_box(previous.step(&q, &params));
+                };
+                let cold = median_time(cold_before, step);
                 // Stop 14's cold: nothing warm, not even the code.
                 let all_cold = median_time(
                     || {
@@ -474,10 +468,7 @@ fn decode_attention(c: &mut Criterion) {
                         || {
                             black_box(f16.step(&q, &params));
                         },
-                        || {
-                            black_box(evict(&dram_evictor));
-                            black_box(previous.step(&q, &params));
-                        },
+                        cold_before,
                         step,
                     )
                 });

@@ -269,20 +269,8 @@ pub(super) unsafe fn value_accumulate(
         w_group_stride: 0,
         scale_group_stride: 0,
     };
-    let (codes, acc) = (codes.as_ptr(), acc.as_mut_ptr());
-    let (c0, c1) = (channels.start, channels.end);
-    by_rows!(
-        rows,
-        value_rows_fit,
-        codes,
-        tiles,
-        head_dim,
-        bits,
-        c0,
-        c1,
-        weights,
-        acc,
-        acc_stride
+    value_rows_any(
+        codes, tiles, head_dim, bits, channels, weights, rows, acc, acc_stride,
     )
 }
 
@@ -316,7 +304,36 @@ pub(super) unsafe fn value_accumulate_groups(
         w_group_stride,
         scale_group_stride,
     };
+    value_rows_any(
+        codes,
+        tiles,
+        head_dim,
+        bits,
+        0..head_dim,
+        weights,
+        rows,
+        acc,
+        acc_stride,
+    )
+}
+
+/// [`value_rows_fit`] for a runtime row count (`rows ≤ 8`) over `channels`: the body of both
+/// value entries, which differ only in how their weights are grouped.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_rows_any(
+    codes: &[u8],
+    tiles: usize,
+    head_dim: usize,
+    bits: u8,
+    channels: Range<usize>,
+    weights: ValueWeights,
+    rows: usize,
+    acc: &mut [f32],
+    acc_stride: usize,
+) {
     let (codes, acc) = (codes.as_ptr(), acc.as_mut_ptr());
+    let (c0, c1) = (channels.start, channels.end);
     by_rows!(
         rows,
         value_rows_fit,
@@ -324,8 +341,8 @@ pub(super) unsafe fn value_accumulate_groups(
         tiles,
         head_dim,
         bits,
-        0,
-        head_dim,
+        c0,
+        c1,
         weights,
         acc,
         acc_stride
