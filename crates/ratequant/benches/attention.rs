@@ -28,7 +28,10 @@
 //!
 //! `RATEQUANT_BENCH_CONTEXTS=1024,16384` limits the contexts;
 //! `RATEQUANT_BENCH_QUANTIZER=kivi:g=128` changes the design;
-//! `RATEQUANT_BENCH_CACHES=f16,packed-2.5` limits the summary's caches (profiling).
+//! `RATEQUANT_BENCH_CACHES=f16,packed-2.5` limits the summary's caches (profiling);
+//! `RATEQUANT_BENCH_PHASES=1` adds, for every packed cache, where a cold and a warm step's
+//! time goes (`kvcache::timing`: 41 steps each, per step, the phases inside tasks summed over
+//! threads).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -39,6 +42,7 @@ use rayon::prelude::*;
 
 use ratequant::kvcache::attention::int8::{self, Kernels};
 use ratequant::kvcache::dense::DenseLayerCache;
+use ratequant::kvcache::timing::{self, Phase};
 use ratequant::kvcache::{
     AttentionKernel, AttentionParams, CacheShape, Isa, PackedKvCache, UnitFormat, DEFAULT_RESIDUAL,
 };
@@ -310,6 +314,24 @@ fn timed(before: &dyn Fn(), f: &dyn Fn()) -> Duration {
 }
 
 /// Median wall time of `f` over 41 calls, each after an untimed `before`.
+/// Seconds per step in each phase ([`Phase::ALL`] order), over 41 steps each after `before`
+/// (untimed: timing is on for the step only).
+fn phase_times(before: &dyn Fn(), step: &dyn Fn()) -> [f64; Phase::ALL.len()] {
+    for _ in 0..3 {
+        before();
+        step();
+    }
+    timing::take();
+    const STEPS: usize = 41;
+    for _ in 0..STEPS {
+        before();
+        timing::enable(true);
+        step();
+        timing::enable(false);
+    }
+    timing::take().map(|t| t / STEPS as f64)
+}
+
 fn median_time(before: impl Fn(), f: impl Fn()) -> Duration {
     for _ in 0..3 {
         before();
@@ -403,6 +425,8 @@ fn decode_attention(c: &mut Criterion) {
     let l2_evictor: Vec<u8> = (0..32usize << 20).map(|i| i as u8).collect();
     let dram_evictor: Vec<u8> = (0..dram_evict_bytes()).map(|i| i as u8).collect();
     let warm_only = std::env::var("RATEQUANT_BENCH_WARM").is_ok();
+    let phases_wanted = std::env::var("RATEQUANT_BENCH_PHASES").is_ok();
+    let mut phase_tables = Vec::new();
     let mut group = c.benchmark_group("decode_attention");
     for tokens in contexts() {
         let caches = build(tokens);
@@ -440,7 +464,7 @@ fn decode_attention(c: &mut Criterion) {
                 continue;
             }
             // On a pool worker, as `ratequant` runs its commands: each step starts at once.
-            let (cold, all_cold, warm, cpu, paired) = rayon::scope(|_| {
+            let (cold, all_cold, warm, cpu, paired, phases) = rayon::scope(|_| {
                 let step = || {
                     black_box(cache.step(&q, &params));
                 };
@@ -472,8 +496,14 @@ fn decode_attention(c: &mut Criterion) {
                         step,
                     )
                 });
-                (cold, all_cold, warm, cpu, paired)
+                let phases = (phases_wanted && matches!(cache, Cache::Packed(_))).then(|| {
+                    [&cold_before as &dyn Fn(), &|| {}].map(|before| phase_times(before, &step))
+                });
+                (cold, all_cold, warm, cpu, paired, phases)
             });
+            if let Some(phases) = phases {
+                phase_tables.push((tokens, name.clone(), phases));
+            }
             summary.push((
                 tokens,
                 name.clone(),
@@ -565,6 +595,18 @@ fn decode_attention(c: &mut Criterion) {
                 "{m:.2}× ({lo:.2}–{hi:.2})"
             ))
         );
+    }
+    for (tokens, name, [cold, warm]) in &phase_tables {
+        println!();
+        println!("{tokens} tokens, {name}: mean µs per step by phase (inside tasks: thread time summed over threads; otherwise the caller's wall time)");
+        println!(
+            "{:>18} {:>9} {:>9} {:>11}",
+            "phase", "cold", "warm", "cold−warm"
+        );
+        for (i, phase) in Phase::ALL.iter().enumerate() {
+            let (c, w) = (cold[i] * 1e6, warm[i] * 1e6);
+            println!("{:>18} {c:>9.1} {w:>9.1} {:>11.1}", phase.name(), c - w);
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 
 use super::attention::int8;
 use super::store::{KeyStore, UnitCore, ValueStore};
+use super::timing::{self, Phase};
 use super::{to_f32, GlueScratch, QueryPrep};
 
 /// Units of this many bits or more round their weights to two `i8` (`hi + lo/254`).
@@ -84,6 +85,7 @@ pub(super) fn key_scores<'s, const F16C: bool>(
         let sigma = take(sigma, nb * rows);
         let bias = take(bias, nb * rows);
         let span = blocks.start * d..blocks.end * d;
+        let clock = timing::start();
         int8::key_block_weights(
             kernels,
             &prep.q_packed,
@@ -96,6 +98,7 @@ pub(super) fn key_scores<'s, const F16C: bool>(
             sigma,
             bias,
         );
+        timing::nested(Phase::KeyWeights, Phase::KeyScores, clock);
         let weights = int8::KeyWeights {
             q: w8,
             stride: d,
@@ -248,6 +251,7 @@ pub(super) fn values<const F16C: bool>(
             (s[g], z[g]) = (&core.scales[g][a..e], &core.zeros[g][a..e]);
         }
         let zero = take(&mut scratch.bias, groups * rows);
+        let clock = timing::start();
         int8::value_weights_groups(
             kernels,
             probs,
@@ -270,6 +274,7 @@ pub(super) fn values<const F16C: bool>(
                 }
             }
         }
+        timing::nested(Phase::ValueWeights, Phase::ValueAccumulate, clock);
         let ws = nt * T;
         int8::value_accumulate_groups(
             kernels,
@@ -301,6 +306,7 @@ pub(super) fn values<const F16C: bool>(
         let (sig_hi, sig_lo) = sigma.split_at_mut(rows * nt);
         let zero = take(&mut scratch.bias, rows);
         let lo = split.then_some(&mut los[..]);
+        let clock = timing::start();
         int8::value_weights(
             kernels,
             probs,
@@ -315,6 +321,7 @@ pub(super) fn values<const F16C: bool>(
             sig_hi,
             zero,
         );
+        timing::nested(Phase::ValueWeights, Phase::ValueAccumulate, clock);
         for r in 0..rows {
             for x in &mut acc[r * d + c0..r * d + c1] {
                 *x += zero[r];

@@ -31,6 +31,7 @@ mod executor;
 mod int8_glue;
 pub mod memory;
 pub(crate) mod store;
+pub mod timing;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -579,6 +580,7 @@ impl PackedKvCache {
         first: usize,
         params: &AttentionParams,
     ) -> Vec<f32> {
+        let mut clock = timing::start();
         let d = self.shape.head_dim;
         let kv_heads = self.shape.kv_heads;
         let rows = heads / kv_heads;
@@ -619,6 +621,7 @@ impl PackedKvCache {
         }
         let glue_avx2 = isa != Isa::Scalar && Isa::Avx2.is_available();
         let kernels = self.int8_kernels();
+        timing::lap(timing::Phase::Prepare, &mut clock);
         let parts: Vec<TaskOut> = run_tasks(tasks.len(), |t, scratch| {
             let (h, i, a, b) = tasks[t];
             let (view, prep, p) = (&views[h], &preps[h * tokens + i], first + i);
@@ -638,6 +641,7 @@ impl PackedKvCache {
             }
             run_task::<false>(isa, kernels, view, prep, p, a, b, d, residual, scratch)
         });
+        timing::lap(timing::Phase::Tasks, &mut clock);
         // Merge each (KV head, query)'s blocks (tasks are in (h, i) order): every block is
         // brought to their common max at once, one exponential per block and row.
         let mut out = vec![0.0f32; heads * tokens * d];
@@ -678,6 +682,7 @@ impl PackedKvCache {
             }
             at = end;
         }
+        timing::lap(timing::Phase::Merge, &mut clock);
         out
     }
 }
@@ -965,6 +970,7 @@ fn run_task<const F16C: bool>(
     residual: usize,
     scratch: &mut TaskScratch,
 ) -> TaskOut {
+    let mut clock = timing::start();
     let rows = prep.rows;
     let len = b - a;
     let key = &view.key.core;
@@ -989,6 +995,7 @@ fn run_task<const F16C: bool>(
     } else if a < packed_end {
         packed_key_scores::<F16C>(isa, view.key, prep, a, packed_end, scores, len, glue);
     }
+    timing::lap(timing::Phase::KeyScores, &mut clock);
     for pos in a.max(kq)..b {
         view.k_fp.prefetch(pos + FP_ROWS_AHEAD, d);
         let row = view.k_fp.row::<F16C>(pos, d, row_buf);
@@ -1037,6 +1044,7 @@ fn run_task<const F16C: bool>(
         Vec::new()
     };
     let packed_end = v_end;
+    timing::lap(timing::Phase::Residual, &mut clock);
     if a < packed_end && view.value.tiled {
         let exp = fused
             .as_mut()
@@ -1057,6 +1065,7 @@ fn run_task<const F16C: bool>(
             isa, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue,
         );
     }
+    timing::lap(timing::Phase::ValueAccumulate, &mut clock);
     let acc = if acc_fp.is_empty() {
         &mut acc_q
     } else {
@@ -1079,6 +1088,7 @@ fn run_task<const F16C: bool>(
             attention::axpy(scores[r * len + pos - a], row, &mut acc[r * d..(r + 1) * d]);
         }
     }
+    timing::lap(timing::Phase::Residual, &mut clock);
     TaskOut {
         softmax,
         acc_q,
