@@ -179,9 +179,13 @@ fn build(tokens: usize) -> Vec<(String, Cache)> {
     caches
 }
 
-/// Read bandwidth in bytes/s: the best of several parallel sums over a 256 MiB buffer.
-fn read_bandwidth() -> f64 {
-    let buf: Vec<f32> = (0..64usize << 20).map(|i| (i % 7) as f32).collect();
+/// The buffer [`read_bandwidth`] sums: 256 MiB.
+fn bandwidth_buffer() -> Vec<f32> {
+    (0..64usize << 20).map(|i| (i % 7) as f32).collect()
+}
+
+/// Read bandwidth in bytes/s: the best of several parallel sums over `buf`.
+fn read_bandwidth(buf: &[f32]) -> f64 {
     let threads = rayon::current_num_threads();
     let chunk = buf.len().div_ceil(threads * 8);
     let mut best = f64::INFINITY;
@@ -414,7 +418,8 @@ fn decode_attention(c: &mut Criterion) {
         window: None,
     };
     let q = activations(1, HEADS, 3);
-    let bandwidth = read_bandwidth();
+    let bandwidth_buf = bandwidth_buffer();
+    let bandwidth = read_bandwidth(&bandwidth_buf);
     let macs_per_second = fma_rate();
     let mut summary = Vec::new();
     // Criterion's steps start out of L2 (cheap enough per iteration); the summary's cold
@@ -464,7 +469,7 @@ fn decode_attention(c: &mut Criterion) {
                 continue;
             }
             // On a pool worker, as `ratequant` runs its commands: each step starts at once.
-            let (cold, all_cold, warm, cpu, paired, phases) = rayon::scope(|_| {
+            let (cold, all_cold, warm, cpu, paired, phases, bandwidth_now) = rayon::scope(|_| {
                 let step = || {
                     black_box(cache.step(&q, &params));
                 };
@@ -473,7 +478,12 @@ fn decode_attention(c: &mut Criterion) {
                     black_box(evict(&dram_evictor));
                     black_box(previous.step(&q, &params));
                 };
+                // The machine's read bandwidth drifts by a quarter over minutes on the shared
+                // VMs measured here: each cache's bound takes it just before and after its
+                // cold steps.
+                let bandwidth_before = read_bandwidth(&bandwidth_buf);
                 let cold = median_time(cold_before, step);
+                let bandwidth_now = (bandwidth_before + read_bandwidth(&bandwidth_buf)) / 2.0;
                 // Stop 14's cold: nothing warm, not even the code.
                 let all_cold = median_time(
                     || {
@@ -499,7 +509,7 @@ fn decode_attention(c: &mut Criterion) {
                 let phases = (phases_wanted && matches!(cache, Cache::Packed(_))).then(|| {
                     [&cold_before as &dyn Fn(), &|| {}].map(|before| phase_times(before, &step))
                 });
-                (cold, all_cold, warm, cpu, paired, phases)
+                (cold, all_cold, warm, cpu, paired, phases, bandwidth_now)
             });
             if let Some(phases) = phases {
                 phase_tables.push((tokens, name.clone(), phases));
@@ -513,6 +523,7 @@ fn decode_attention(c: &mut Criterion) {
                 cache.bytes(),
                 all_cold,
                 paired,
+                bandwidth_now,
             ));
         }
     }
@@ -524,7 +535,7 @@ fn decode_attention(c: &mut Criterion) {
         quantizer()
     );
     println!(
-        "threads {}, load average {}, measured read bandwidth {:.2} GB/s, peak f32 multiply-adds {:.1} G/s",
+        "threads {}, load average {}, read bandwidth at the start {:.2} GB/s, peak f32 multiply-adds {:.1} G/s",
         rayon::current_num_threads(),
         load_average(),
         bandwidth / 1e9,
@@ -534,7 +545,8 @@ fn decode_attention(c: &mut Criterion) {
     println!(" a step over another, 256-token layer of the same kind: as in a real decode, the layer's bytes");
     println!(" come from memory, the code, scratch and threads are warm; warm: back-to-back steps over the");
     println!(" same cache; cpu: CPU time of all threads per warm step, less sensitive to other load; bound:");
-    println!(" bytes read / measured bandwidth; bound/time: how close a step is to that bound (the cold one");
+    println!(" bytes read / read bandwidth, measured just before and after the cache's cold steps (GB/s);");
+    println!(" bound/time: how close a step is to that bound (the cold one");
     println!(" is the fair comparison); fma bound: the step's 2·heads·tokens·head_dim multiply-adds at the");
     println!(
         " peak rate, against the cold step; all-cold: cold without the previous layer's step, code"
@@ -547,7 +559,7 @@ fn decode_attention(c: &mut Criterion) {
     );
     println!(" ratio of two medians measured apart)");
     println!(
-        "{:>7} {:>15} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10} {:>8} {:>10} {:>10} {:>7} {:>8} {:>12} {:>22}",
+        "{:>7} {:>15} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10} {:>6} {:>8} {:>10} {:>10} {:>7} {:>8} {:>12} {:>22}",
         "tokens",
         "cache",
         "cold µs",
@@ -557,6 +569,7 @@ fn decode_attention(c: &mut Criterion) {
         "cpu µs",
         "vs f16",
         "bytes read",
+        "GB/s",
         "bound µs",
         "bound/cold",
         "bound/warm",
@@ -566,7 +579,7 @@ fn decode_attention(c: &mut Criterion) {
         "paired vs f16 (q1–q3)"
     );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    for &(tokens, ref name, cold, warm, cpu, bytes, all_cold, paired) in &summary {
+    for &(tokens, ref name, cold, warm, cpu, bytes, all_cold, paired, bandwidth) in &summary {
         let Some(f16) = summary.iter().find(|s| s.0 == tokens && s.1 == "f16") else {
             continue;
         };
@@ -575,7 +588,7 @@ fn decode_attention(c: &mut Criterion) {
         let cpu_us = cpu.map_or(f64::NAN, us);
         let f16_cpu_us = f16.4.map_or(f64::NAN, us);
         println!(
-            "{:>7} {:>15} {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>10} {:>8.1} {:>9.0}% {:>9.0}% {:>7.1} {:>7.0}% {:>12.1} {:>22}",
+            "{:>7} {:>15} {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>8.1} {:>6.2}× {:>10} {:>6.1} {:>8.1} {:>9.0}% {:>9.0}% {:>7.1} {:>7.0}% {:>12.1} {:>22}",
             tokens,
             name,
             us(cold),
@@ -585,6 +598,7 @@ fn decode_attention(c: &mut Criterion) {
             cpu_us,
             f16_cpu_us / cpu_us,
             bytes,
+            bandwidth / 1e9,
             bound,
             100.0 * bound / us(cold),
             100.0 * bound / us(warm),
