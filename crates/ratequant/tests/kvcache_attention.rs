@@ -840,3 +840,70 @@ fn int8_kernels_follow_the_isa_and_refuse_what_it_cannot_run() {
         assert_eq!(cache.kernel_isa(), "scalar");
     }
 }
+
+#[test]
+fn int8_long_context_tasks_cover_every_position() {
+    // From 8192 positions on, the integer kernels cut a query's positions into 2048-token
+    // tasks. Eight "needles" (key channel 0 at 1, every other key at 0 there; needle j's value
+    // row 8 in channel 8j and 0 elsewhere, every other value 0; both exact at 2 bits) lie on
+    // and around task boundaries, inside key blocks and in the residual. The query sees each
+    // needle at a score 20 above the rest, so each needle it covers puts 8/n in its own channel
+    // (n needles covered), and one it misses leaves 0 there.
+    let shape = CacheShape {
+        layers: 1,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let (heads, d, tokens) = (6, 64, 9000);
+    let needles = [0, 2047, 2048, 4000, 6143, 6200, 8191, 8900];
+    let units = vec![
+        UnitFormat {
+            quantizer: spec("kivi"),
+            bits: 2
+        };
+        shape.units()
+    ];
+    let mut rng = Rng(11);
+    let mut k = vec![0.0f32; 2 * tokens * d];
+    let mut v = vec![0.0f32; 2 * tokens * d];
+    for h in 0..2 {
+        for t in 0..tokens {
+            let row = (h * tokens + t) * d;
+            for c in 1..d {
+                k[row + c] = rng.normal();
+            }
+            if let Some(j) = needles.iter().position(|&n| n == t) {
+                k[row] = 1.0;
+                v[row + 8 * j] = 8.0;
+            }
+        }
+    }
+    // Score = 20 · k₀ after the 1/√d scale.
+    let mut q = vec![0.0f32; heads * d];
+    for h in 0..heads {
+        q[h * d] = 20.0 * (d as f32).sqrt();
+    }
+    let mut int8 = PackedKvCache::with_kernel(shape, &units, 128, AttentionKernel::Int8).unwrap();
+    int8.append(0, &k, &v, tokens).unwrap();
+    for window in [None, Some(8500), Some(8192)] {
+        let p = AttentionParams {
+            scale: 1.0 / (d as f32).sqrt(),
+            window,
+        };
+        let start = window.map_or(0, |w| tokens - w);
+        let n = needles.iter().filter(|&&t| t >= start).count() as f32;
+        let mut want = vec![0.0f32; d];
+        for (j, _) in needles.iter().enumerate().filter(|(_, &t)| t >= start) {
+            want[8 * j] = 8.0 / n;
+        }
+        let got = int8.attend_last(0, &q, heads, &p).unwrap();
+        for (h, out) in got.chunks(d).enumerate() {
+            for (c, (&x, &y)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (x - y).abs() < 0.02,
+                    "window {window:?}, head {h}, channel {c}: {x}, want {y}"
+                );
+            }
+        }
+    }
+}
