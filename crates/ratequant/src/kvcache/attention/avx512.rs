@@ -52,24 +52,37 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
-        use super::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY, EXP_ROUND};
         let set = _mm512_set1_ps;
-        let x = _mm512_min_ps(_mm512_max_ps(x, set(-87.0)), set(88.0));
-        let round = set(EXP_ROUND);
-        let n = _mm512_sub_ps(
-            _mm512_fmadd_ps(x, set(std::f32::consts::LOG2_E), round),
-            round,
-        );
-        let r = _mm512_fmadd_ps(n, set(-EXP_LN2_HI), x);
-        let r = _mm512_fmadd_ps(n, set(-EXP_LN2_LO), r);
-        let mut poly = set(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            poly = _mm512_fmadd_ps(poly, r, set(*c));
-        }
-        // poly · 2^n in one instruction; n ∈ [−126, 127] after the clamp, so 2^n is a normal
-        // float and the product rounds exactly as the scalar `poly · pow2` does.
-        _mm512_scalef_ps(poly, n)
+        exp_of_clamped(_mm512_min_ps(_mm512_max_ps(x, set(-87.0)), set(88.0)))
     }
+}
+
+/// [`Simd::exp`] of `x ≤ 0` (a softmax's exponents): the same result without the upper
+/// clamp, one instruction fewer (NaN, clamped to −87 first, also gives the same).
+#[inline(always)]
+pub(super) unsafe fn exp_nonpositive(x: __m512) -> __m512 {
+    exp_of_clamped(_mm512_max_ps(x, _mm512_set1_ps(-87.0)))
+}
+
+/// `e^x` for `x ∈ [−87, 88]`, as the scalar `softmax`'s `exp` computes it.
+#[inline(always)]
+unsafe fn exp_of_clamped(x: __m512) -> __m512 {
+    use super::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY, EXP_ROUND};
+    let set = _mm512_set1_ps;
+    let round = set(EXP_ROUND);
+    let n = _mm512_sub_ps(
+        _mm512_fmadd_ps(x, set(std::f32::consts::LOG2_E), round),
+        round,
+    );
+    let r = _mm512_fmadd_ps(n, set(-EXP_LN2_HI), x);
+    let r = _mm512_fmadd_ps(n, set(-EXP_LN2_LO), r);
+    let mut poly = set(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        poly = _mm512_fmadd_ps(poly, r, set(*c));
+    }
+    // poly · 2^n in one instruction; n ∈ [−126, 127] after the clamp, so 2^n is a normal
+    // float and the product rounds exactly as the scalar `poly · pow2` does.
+    _mm512_scalef_ps(poly, n)
 }
 
 /// [`ShuffleUnpack`]'s constants by bit-width ([`simd::shuffle_table`]; 16 bytes are loaded

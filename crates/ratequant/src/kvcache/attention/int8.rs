@@ -884,6 +884,14 @@ pub fn key_block_weights_scalar(
 /// `zero[r] = Σ_i p[r·p_stride + i]·z[i]`. The AVX-512 version gives the same bytes and
 /// scales; the zero-point sums may differ in rounding. The AVX-512 version runs with
 /// [`Kernels::Avx512Vnni`], the AVX2 one with the AVX2 kernels.
+///
+/// Probabilities and scales must not be negative (a min-max grid's step never is): the
+/// AVX-512 version takes the weights' maximum as their largest magnitude.
+/// No negative value in `x` (−0 allowed).
+fn non_negative(x: &[half::f16]) -> bool {
+    x.iter().all(|v| !(v.to_f32() < 0.0))
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn value_weights(
     kernels: Kernels,
@@ -909,6 +917,13 @@ pub fn value_weights(
     assert!(lo
         .as_ref()
         .is_none_or(|l| l.len() >= rows * nt * VALUE_TILE_TOKENS));
+    debug_assert!(non_negative(&s[..n]), "value_weights: a negative scale");
+    debug_assert!(
+        (0..rows).all(|r| p[r * p_stride..r * p_stride + n]
+            .iter()
+            .all(|&x| !(x < 0.0))),
+        "value_weights: a negative probability"
+    );
     #[cfg(target_arch = "x86_64")]
     match checked(kernels) {
         Kernels::Avx512Vnni if rows <= 16 => {
@@ -945,6 +960,9 @@ pub fn value_weights(
 /// and their sum is added to `sums[r]` (in another order than [`super::softmax_exp`] adds
 /// them, so it may differ in the last bits). The AVX-512 version computes them on the way,
 /// saving the softmax its own pass.
+///
+/// As for [`value_weights`], probabilities (with `exp`, the scores less `max`) and scales
+/// must not be negative (resp. positive).
 #[allow(clippy::too_many_arguments)]
 pub fn value_weights_groups(
     kernels: Kernels,
@@ -980,6 +998,20 @@ pub fn value_weights_groups(
     assert!(first < VALUE_TILE_TOKENS && s.iter().chain(z).all(|x| x.len() >= n));
     assert!(p.len() >= (rows - 1) * p_stride + n && zero.len() >= ng * rows);
     assert!(hi.len() >= ng * w_len && sigma.len() >= ng * s_len);
+    debug_assert!(
+        s.iter().all(|g| non_negative(&g[..n])),
+        "value_weights_groups: a negative scale"
+    );
+    debug_assert!(
+        (0..rows).all(|r| {
+            let row = &p[r * p_stride..r * p_stride + n];
+            match &exp {
+                None => row.iter().all(|&x| !(x < 0.0)),
+                Some((max, _)) => row.iter().all(|&x| !(x > max[r])),
+            }
+        }),
+        "value_weights_groups: a negative probability, or a score above its row's maximum"
+    );
     #[cfg(target_arch = "x86_64")]
     if checked(kernels) == Kernels::Avx512Vnni && rows * ng <= 16 {
         use super::int8_avx512::value_weights_groups as groups;

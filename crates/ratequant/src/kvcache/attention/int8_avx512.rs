@@ -1009,8 +1009,6 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize, const EXP: bool>(
     zero: *mut f32,
     exp: (*const f32, *mut f32),
 ) {
-    use super::avx512::Avx512;
-    use super::simd::Simd;
     const T: usize = VALUE_TILE_TOKENS;
     let rows = if R > 0 { R } else { rows };
     let mut p_sums = [_mm512_setzero_ps(); 16];
@@ -1068,9 +1066,14 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize, const EXP: bool>(
                     let at = (r * p_stride) as isize + base;
                     let mut pv = _mm512_maskz_loadu_ps(mask, pp.wrapping_offset(at));
                     if EXP {
+                        // Scores less their row's maximum: never above 0.
+                        let e = super::avx512::exp_nonpositive(_mm512_sub_ps(pv, p_max[r]));
                         // The lanes outside the tokens weigh 0, as loaded without `EXP`.
-                        let e = Avx512::exp(_mm512_sub_ps(pv, p_max[r]));
-                        pv = _mm512_maskz_mov_ps(mask, e);
+                        pv = if mask == 0xFFFF {
+                            e
+                        } else {
+                            _mm512_maskz_mov_ps(mask, e)
+                        };
                         p_sums[r] = _mm512_add_ps(p_sums[r], pv);
                     }
                     for g in 0..NG {
@@ -1080,9 +1083,11 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize, const EXP: bool>(
                     }
                 }
             }
+            // Probabilities and value scales are never negative (a min-max grid's step), so
+            // neither are the weights: their maximum is their largest magnitude.
             for item in jj * per_tile..(jj + 1) * per_tile {
                 let [w0, w1] = w[item];
-                m[item] = _mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1));
+                m[item] = _mm512_max_ps(w0, w1);
             }
         }
         for mi in &mut m[count * per_tile..] {
