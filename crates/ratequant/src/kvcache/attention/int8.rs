@@ -887,9 +887,9 @@ pub fn key_block_weights_scalar(
 ///
 /// Probabilities and scales must not be negative (a min-max grid's step never is): the
 /// AVX-512 version takes the weights' maximum as their largest magnitude.
-/// No negative value in `x` (−0 allowed).
+/// No negative value (nor NaN) in `x`; −0 is allowed.
 fn non_negative(x: &[half::f16]) -> bool {
-    x.iter().all(|v| !(v.to_f32() < 0.0))
+    x.iter().all(|v| v.to_f32() >= 0.0)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -921,7 +921,7 @@ pub fn value_weights(
     debug_assert!(
         (0..rows).all(|r| p[r * p_stride..r * p_stride + n]
             .iter()
-            .all(|&x| !(x < 0.0))),
+            .all(|&x| x >= 0.0)),
         "value_weights: a negative probability"
     );
     #[cfg(target_arch = "x86_64")]
@@ -1006,8 +1006,8 @@ pub fn value_weights_groups(
         (0..rows).all(|r| {
             let row = &p[r * p_stride..r * p_stride + n];
             match &exp {
-                None => row.iter().all(|&x| !(x < 0.0)),
-                Some((max, _)) => row.iter().all(|&x| !(x > max[r])),
+                None => row.iter().all(|&x| x >= 0.0),
+                Some((max, _)) => row.iter().all(|&x| x <= max[r]),
             }
         }),
         "value_weights_groups: a negative probability, or a score above its row's maximum"
