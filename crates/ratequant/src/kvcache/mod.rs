@@ -38,7 +38,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::quant::{Kind, QuantizerSpec};
 use crate::{hadamard, Error, Result};
@@ -644,53 +644,68 @@ impl PackedKvCache {
         let glue_avx2 = isa != Isa::Scalar && Isa::Avx2.is_available();
         let kernels = self.int8_kernels();
         timing::lap(timing::Phase::Prepare, &mut clock);
-        let parts: Vec<TaskOut> = run_tasks(tasks.len(), |t, scratch| {
+        // Every task's softmax state and `rows × d` sums in two buffers of the call rather
+        // than two allocations per task (each written on one core and freed on the other:
+        // 0.17 µs per 768-byte output, measured).
+        let n = tasks.len();
+        let mut acc_all = vec![0.0f32; n * rows * d];
+        let mut softmax_all = vec![SoftmaxPart { max: 0.0, sum: 0.0 }; n * rows];
+        let outputs: Vec<Mutex<TaskOut>> = acc_all
+            .chunks_mut(rows * d)
+            .zip(softmax_all.chunks_mut(rows))
+            .map(|(acc_q, softmax)| Mutex::new(TaskOut { softmax, acc_q }))
+            .collect();
+        let acc_fp: Vec<Vec<f32>> = run_tasks(n, |t, scratch| {
             let (h, i, a, b) = tasks[t];
             let (view, prep, p) = (&views[h], &preps[h * tokens + i], first + i);
+            let mut out = outputs[t].lock().unwrap_or_else(|e| e.into_inner());
+            let out = &mut *out;
             #[cfg(target_arch = "x86_64")]
             if kernels == int8::Kernels::Avx512Vnni && glue_avx2 {
                 // SAFETY: AVX-512 F/BW/VNNI, AVX2, FMA and F16C were detected.
                 return unsafe {
-                    run_task_avx512(isa, kernels, view, prep, p, a, b, d, residual, scratch)
+                    run_task_avx512(isa, kernels, view, prep, p, a, b, d, residual, scratch, out)
                 };
             }
             #[cfg(target_arch = "x86_64")]
             if glue_avx2 {
                 // SAFETY: AVX2, FMA and F16C were detected.
                 return unsafe {
-                    run_task_avx2(isa, kernels, view, prep, p, a, b, d, residual, scratch)
+                    run_task_avx2(isa, kernels, view, prep, p, a, b, d, residual, scratch, out)
                 };
             }
-            run_task::<false>(isa, kernels, view, prep, p, a, b, d, residual, scratch)
+            run_task::<false>(isa, kernels, view, prep, p, a, b, d, residual, scratch, out)
         });
+        drop(outputs);
         timing::lap(timing::Phase::Tasks, &mut clock);
         // Merge each (KV head, query)'s blocks (tasks are in (h, i) order): every block is
         // brought to their common max at once, one exponential per block and row.
         let mut out = vec![0.0f32; heads * tokens * d];
         let (mut acc_q, mut factors) = (vec![0.0f32; d], Vec::new());
         let mut at = 0;
-        while at < parts.len() {
+        while at < n {
             let (h, i) = (tasks[at].0, tasks[at].1);
             let mut end = at + 1;
-            while end < parts.len() && tasks[end].0 == h && tasks[end].1 == i {
+            while end < n && tasks[end].0 == h && tasks[end].1 == i {
                 end += 1;
             }
             let rotated = views[h].value.core.layout.rotated;
             for r in 0..rows {
                 let sum = attention::merge_factors(
-                    parts[at..end].iter().map(|p| &p.softmax[r]),
+                    (at..end).map(|t| &softmax_all[t * rows + r]),
                     &mut factors,
                 );
                 let head = h * rows + r;
                 let dst = &mut out[(head * tokens + i) * d..(head * tokens + i + 1) * d];
                 acc_q.fill(0.0);
-                for (part, &f) in parts[at..end].iter().zip(&factors) {
+                for (t, &f) in (at..end).zip(&factors) {
                     if f == 0.0 {
                         continue;
                     }
-                    attention::axpy(f, &part.acc_q[r * d..(r + 1) * d], &mut acc_q);
-                    if !part.acc_fp.is_empty() {
-                        attention::axpy(f, &part.acc_fp[r * d..(r + 1) * d], dst);
+                    let part = &acc_all[(t * rows + r) * d..(t * rows + r + 1) * d];
+                    attention::axpy(f, part, &mut acc_q);
+                    if !acc_fp[t].is_empty() {
+                        attention::axpy(f, &acc_fp[t][r * d..(r + 1) * d], dst);
                     }
                 }
                 if rotated {
@@ -925,12 +940,11 @@ struct GlueScratch {
     max: Vec<f32>,
 }
 
-struct TaskOut {
-    softmax: Vec<SoftmaxPart>,
-    /// `rows × head_dim` sums of probabilities times values.
-    acc_q: Vec<f32>,
-    /// The unquantized rows' part when `acc_q` is in the rotated domain, else empty.
-    acc_fp: Vec<f32>,
+struct TaskOut<'a> {
+    /// Each row's softmax state.
+    softmax: &'a mut [SoftmaxPart],
+    /// `rows × head_dim` sums of probabilities times values, zeroed.
+    acc_q: &'a mut [f32],
 }
 
 /// [`run_task`] with its glue loops (scale folding, per-token scales, softmax) compiled for
@@ -949,8 +963,9 @@ fn run_task_avx2(
     d: usize,
     residual: usize,
     scratch: &mut TaskScratch,
-) -> TaskOut {
-    run_task::<true>(isa, kernels, view, prep, p, a, b, d, residual, scratch)
+    out: &mut TaskOut,
+) -> Vec<f32> {
+    run_task::<true>(isa, kernels, view, prep, p, a, b, d, residual, scratch, out)
 }
 
 /// [`run_task`] with its glue compiled for AVX-512 (the integer kernels' glue rounds whole
@@ -969,8 +984,9 @@ fn run_task_avx512(
     d: usize,
     residual: usize,
     scratch: &mut TaskScratch,
-) -> TaskOut {
-    run_task::<true>(isa, kernels, view, prep, p, a, b, d, residual, scratch)
+    out: &mut TaskOut,
+) -> Vec<f32> {
+    run_task::<true>(isa, kernels, view, prep, p, a, b, d, residual, scratch, out)
 }
 
 /// Attention of one (KV head, query at position `p`) over positions `a..b`: scores, the
@@ -991,7 +1007,8 @@ fn run_task<const F16C: bool>(
     d: usize,
     residual: usize,
     scratch: &mut TaskScratch,
-) -> TaskOut {
+    out: &mut TaskOut,
+) -> Vec<f32> {
     let mut clock = timing::start();
     let rows = prep.rows;
     let len = b - a;
@@ -1032,7 +1049,7 @@ fn run_task<const F16C: bool>(
     // Where the value weights compute the packed positions' exponentials themselves, the
     // softmax takes only the positions after them: each row's max and, filled in below, sum.
     let mut fused: Option<([f32; 16], [f32; 16])> = None;
-    let mut softmax = match known_max {
+    let softmax = match known_max {
         Some(maxes) => {
             // The residual positions' scores join the packed ones' maxima.
             for (r, m) in maxes.iter_mut().enumerate() {
@@ -1058,7 +1075,10 @@ fn run_task<const F16C: bool>(
         }
         None => attention::softmax_rows(isa, scores, len),
     };
-    let mut acc_q = vec![0.0f32; rows * d];
+    if fused.is_none() {
+        out.softmax.clone_from_slice(&softmax);
+    }
+    let acc_q = &mut *out.acc_q;
     // Unquantized rows add straight into `acc_q` unless it is in the rotated (QuaRot) domain.
     let mut acc_fp = if value.layout.rotated && a.max(vq) < b {
         vec![0.0f32; rows * d]
@@ -1072,24 +1092,24 @@ fn run_task<const F16C: bool>(
             .as_mut()
             .map(|(max, sum)| (&max[..rows], &mut sum[..rows]));
         int8_glue::values::<F16C>(
-            kernels, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue, exp,
+            kernels, view.value, scores, len, a, packed_end, rows, acc_q, glue, exp,
         );
         if let Some((max, sum)) = fused {
-            softmax = (0..rows)
-                .map(|r| SoftmaxPart {
+            for (r, part) in out.softmax.iter_mut().enumerate() {
+                *part = SoftmaxPart {
                     max: max[r],
                     sum: sum[r],
-                })
-                .collect();
+                };
+            }
         }
     } else if a < packed_end {
         packed_values::<F16C>(
-            isa, view.value, scores, len, a, packed_end, rows, &mut acc_q, glue,
+            isa, view.value, scores, len, a, packed_end, rows, acc_q, glue,
         );
     }
     timing::lap(timing::Phase::ValueAccumulate, &mut clock);
     let acc = if acc_fp.is_empty() {
-        &mut acc_q
+        acc_q
     } else {
         &mut acc_fp
     };
@@ -1111,11 +1131,7 @@ fn run_task<const F16C: bool>(
         }
     }
     timing::lap(timing::Phase::Residual, &mut clock);
-    TaskOut {
-        softmax,
-        acc_q,
-        acc_fp,
-    }
+    acc_fp
 }
 
 /// Widens `src` into `dst` (replacing its contents, without zero-filling it first); with F16C

@@ -919,9 +919,7 @@ pub fn value_weights(
         .is_none_or(|l| l.len() >= rows * nt * VALUE_TILE_TOKENS));
     debug_assert!(non_negative(&s[..n]), "value_weights: a negative scale");
     debug_assert!(
-        (0..rows).all(|r| p[r * p_stride..r * p_stride + n]
-            .iter()
-            .all(|&x| x >= 0.0)),
+        (0..rows).all(|r| p[r * p_stride..r * p_stride + n].iter().all(|&x| x >= 0.0)),
         "value_weights: a negative probability"
     );
     #[cfg(target_arch = "x86_64")]
