@@ -317,7 +317,6 @@ fn timed(before: &dyn Fn(), f: &dyn Fn()) -> Duration {
     start.elapsed()
 }
 
-/// Median wall time of `f` over 41 calls, each after an untimed `before`.
 /// Seconds per step in each phase ([`Phase::ALL`] order), over 41 steps each after `before`
 /// (untimed: timing is on for the step only).
 fn phase_times(before: &dyn Fn(), step: &dyn Fn()) -> [f64; Phase::ALL.len()] {
@@ -336,6 +335,7 @@ fn phase_times(before: &dyn Fn(), step: &dyn Fn()) -> [f64; Phase::ALL.len()] {
     timing::take().map(|t| t / STEPS as f64)
 }
 
+/// Median wall time of `f` over 41 calls, each after an untimed `before`.
 fn median_time(before: impl Fn(), f: impl Fn()) -> Duration {
     for _ in 0..3 {
         before();

@@ -887,11 +887,6 @@ pub fn key_block_weights_scalar(
 ///
 /// Probabilities and scales must not be negative (a min-max grid's step never is): the
 /// AVX-512 version takes the weights' maximum as their largest magnitude.
-/// No negative value (nor NaN) in `x`; −0 is allowed.
-fn non_negative(x: &[half::f16]) -> bool {
-    x.iter().all(|v| v.to_f32() >= 0.0)
-}
-
 #[allow(clippy::too_many_arguments)]
 pub fn value_weights(
     kernels: Kernels,
@@ -947,6 +942,11 @@ pub fn value_weights(
     value_weights_scalar(p, p_stride, rows, n, s, z, first, hi, lo, sigma, zero)
 }
 
+/// No negative value (nor NaN) in `x`; −0 is allowed.
+fn non_negative(x: &[half::f16]) -> bool {
+    x.iter().all(|v| v.to_f32() >= 0.0)
+}
+
 /// [`value_weights`] (without `lo` weights) for `s.len()` channel groups of the same
 /// probabilities, group `g` with scales `s[g]` and zero-points `z[g]`: its weights at
 /// `hi[g·rows·nt·32..]`, scales at `sigma[g·rows·nt..]` and zero-point sums at
@@ -959,8 +959,8 @@ pub fn value_weights(
 /// them, so it may differ in the last bits). The AVX-512 version computes them on the way,
 /// saving the softmax its own pass.
 ///
-/// As for [`value_weights`], probabilities (with `exp`, the scores less `max`) and scales
-/// must not be negative (resp. positive).
+/// As for [`value_weights`], probabilities and scales must not be negative; with `exp`, no
+/// score may lie above its row's `max`.
 #[allow(clippy::too_many_arguments)]
 pub fn value_weights_groups(
     kernels: Kernels,
