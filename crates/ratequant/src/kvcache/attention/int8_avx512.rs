@@ -1025,11 +1025,21 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize, const EXP: bool>(
     let pp = p.as_ptr();
     // Item `g·rows + r` of a tile: group `g`, row `r`.
     let mut zeros = [[_mm512_setzero_ps(); 2]; 16];
-    let mut w = [[_mm512_setzero_ps(); 2]; 16];
+    // Two batches' weights: each batch is rounded after the next one is weighed, so that
+    // the rounding, which waits for its batch's maxima to be reduced and divided, does not
+    // hold up the weighing (measured: 5–14% faster where the weights take probabilities,
+    // the fused `exp` keeps the core busy enough without it).
+    let mut w_both = [[[_mm512_setzero_ps(); 2]; 16]; 2];
     let mut m = [_mm512_setzero_ps(); 16];
-    let (mut ks, mut sigs) = ([0.0f32; 16], [0.0f32; 16]);
-    for j0 in (0..nt).step_by(per) {
+    let mut pending: Option<Batch> = None;
+    for (batch, j0) in (0..nt).step_by(per).enumerate() {
         let count = per.min(nt - j0);
+        let (w_a, w_b) = w_both.split_at_mut(1);
+        let (w, w_pending) = if batch % 2 == 0 {
+            (&mut w_a[0], &w_b[0])
+        } else {
+            (&mut w_b[0], &w_a[0])
+        };
         for jj in 0..count {
             let j = j0 + jj;
             let tile_at = (j * T) as isize - first as isize;
@@ -1094,45 +1104,29 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize, const EXP: bool>(
             *mi = _mm512_setzero_ps();
         }
         let (k, sig) = i8_scales(reduce16::<true>(&m));
-        _mm512_storeu_ps(ks.as_mut_ptr(), k);
-        _mm512_storeu_ps(sigs.as_mut_ptr(), sig);
-        // Item `jj·per_tile + out_row` (output row `g·rows + r`, row `r` of group `g`) goes
-        // to tile `j0 + jj` of that row.
-        let out_at = |item: usize| {
-            let (jj, out_row) = (item / per_tile, item % per_tile);
-            (out_row * nt + j0 + jj, out_row)
+        let mut next = Batch {
+            j0,
+            count,
+            ks: [0.0; 16],
+            sigs: [0.0; 16],
         };
-        let items = count * per_tile;
-        for item in 0..items {
-            *sigma.add(out_at(item).0) = sigs[item];
+        _mm512_storeu_ps(next.ks.as_mut_ptr(), k);
+        _mm512_storeu_ps(next.sigs.as_mut_ptr(), sig);
+        if let Some(batch) = pending.replace(next) {
+            round_batch::<T>(&batch, w_pending, per_tile, nt, sigma, hp, lp);
         }
-        match lp {
-            None => {
-                // Two items' 64 weights rounded and packed together, stored as two runs.
-                for item in (0..items).step_by(2) {
-                    let next = (item + 1).min(items - 1);
-                    let (ka, kb) = (_mm512_set1_ps(ks[item]), _mm512_set1_ps(ks[next]));
-                    let w4 = [w[item][0], w[item][1], w[next][0], w[next][1]];
-                    let bytes = round4_i8(w4, [ka, ka, kb, kb]);
-                    let at = out_at(item).0 * T;
-                    _mm256_storeu_si256(hp.add(at) as *mut _, _mm512_castsi512_si256(bytes));
-                    if next != item {
-                        let at = out_at(next).0 * T;
-                        let hi = _mm512_extracti64x4_epi64::<1>(bytes);
-                        _mm256_storeu_si256(hp.add(at) as *mut _, hi);
-                    }
-                }
-            }
-            Some(lp) => {
-                for item in 0..items {
-                    let kj = _mm512_set1_ps(ks[item]);
-                    for half in 0..2 {
-                        let at = out_at(item).0 * T + half * 16;
-                        round_i8(w[item][half], kj, hp.add(at), Some(lp.add(at)));
-                    }
-                }
-            }
-        }
+    }
+    if let Some(last) = pending {
+        let batches = nt.div_ceil(per);
+        round_batch::<T>(
+            &last,
+            &w_both[(batches - 1) % 2],
+            per_tile,
+            nt,
+            sigma,
+            hp,
+            lp,
+        );
     }
     for item in 0..per_tile {
         *zero.add(item) = _mm512_reduce_add_ps(_mm512_add_ps(zeros[item][0], zeros[item][1]));
@@ -1140,6 +1134,70 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize, const EXP: bool>(
     if EXP {
         for r in 0..rows {
             *exp.1.add(r) += _mm512_reduce_add_ps(p_sums[r]);
+        }
+    }
+}
+
+/// A batch of [`value_weights_rows`]'s tiles weighed and waiting to be rounded: its first
+/// tile, its tile count, and each item's rounding factor (`127 / max`) and scale.
+struct Batch {
+    j0: usize,
+    count: usize,
+    ks: [f32; 16],
+    sigs: [f32; 16],
+}
+
+/// Rounds a batch's weights `w` (item `jj·per_tile + out_row`, output row `g·rows + r`,
+/// row `r` of group `g`, goes to tile `j0 + jj` of that row) and stores their scales. (A
+/// function, not a closure: closures do not inherit the caller's target features.)
+#[inline(always)]
+unsafe fn round_batch<const T: usize>(
+    &Batch {
+        j0,
+        count,
+        ref ks,
+        ref sigs,
+    }: &Batch,
+    w: &[[__m512; 2]; 16],
+    per_tile: usize,
+    nt: usize,
+    sigma: *mut f32,
+    hp: *mut i8,
+    lp: Option<*mut i8>,
+) {
+    let out_at = |item: usize| {
+        let (jj, out_row) = (item / per_tile, item % per_tile);
+        (out_row * nt + j0 + jj, out_row)
+    };
+    let items = count * per_tile;
+    for item in 0..items {
+        *sigma.add(out_at(item).0) = sigs[item];
+    }
+    match lp {
+        None => {
+            // Two items' 64 weights rounded and packed together, stored as two runs.
+            for item in (0..items).step_by(2) {
+                let next = (item + 1).min(items - 1);
+                let (ka, kb) = (_mm512_set1_ps(ks[item]), _mm512_set1_ps(ks[next]));
+                let w4 = [w[item][0], w[item][1], w[next][0], w[next][1]];
+                let bytes = round4_i8(w4, [ka, ka, kb, kb]);
+                let at = out_at(item).0 * T;
+                _mm256_storeu_si256(hp.add(at) as *mut _, _mm512_castsi512_si256(bytes));
+                if next != item {
+                    let at = out_at(next).0 * T;
+                    let hi = _mm512_extracti64x4_epi64::<1>(bytes);
+                    _mm256_storeu_si256(hp.add(at) as *mut _, hi);
+                }
+            }
+        }
+        Some(lp) => {
+            for item in 0..items {
+                let kj = _mm512_set1_ps(ks[item]);
+                for half in 0..2 {
+                    let at = out_at(item).0 * T + half * 16;
+                    round_i8(w[item][half], kj, hp.add(at), Some(lp.add(at)));
+                }
+            }
         }
     }
 }
