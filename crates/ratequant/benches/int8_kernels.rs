@@ -184,8 +184,9 @@ fn value_weights(kernels: Kernels, how: Probabilities, rng: &mut Lcg) -> Kernel 
     let mut zero = vec![0f32; 2 * GROUPS * ROWS];
     let (row_max, mut row_sums) = ([0f32; ROWS], [0f32; ROWS]);
     Box::new(move || {
-        let s: Vec<&[f16]> = s.iter().map(|x| &x[..]).collect();
-        let z: Vec<&[f16]> = z.iter().map(|x| &x[..]).collect();
+        // Borrowed on the stack: an allocation here would be timed with the kernel.
+        let s: [&[f16]; GROUPS] = std::array::from_fn(|g| &s[g][..]);
+        let z: [&[f16]; GROUPS] = std::array::from_fn(|g| &z[g][..]);
         match how {
             Probabilities::Split => {
                 let (his, los) = hi.split_at_mut(ROWS * TOKENS);

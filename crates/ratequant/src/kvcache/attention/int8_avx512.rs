@@ -1027,8 +1027,8 @@ unsafe fn value_weights_rows<const R: usize, const NG: usize, const EXP: bool>(
     let mut zeros = [[_mm512_setzero_ps(); 2]; 16];
     // Two batches' weights: each batch is rounded after the next one is weighed, so that
     // the rounding, which waits for its batch's maxima to be reduced and divided, does not
-    // hold up the weighing (measured: 5–14% faster where the weights take probabilities,
-    // the fused `exp` keeps the core busy enough without it).
+    // hold up the weighing (measured: 2–11% faster where the weights take probabilities,
+    // within 2% with the fused `exp`, which keeps the core busy enough without it).
     let mut w_both = [[[_mm512_setzero_ps(); 2]; 16]; 2];
     let mut m = [_mm512_setzero_ps(); 16];
     let mut pending: Option<Batch> = None;
