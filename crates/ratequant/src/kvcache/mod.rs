@@ -25,6 +25,7 @@
 //!   merged across blocks; threads over (KV head, query, block of tokens).
 //! * Memory ([`memory`]): exact bytes of codes, metadata, residual buffers and padding.
 
+mod aligned;
 pub mod attention;
 pub mod dense;
 mod executor;

@@ -30,6 +30,7 @@ use std::ops::Range;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::aligned::AlignedVec;
 use super::attention::{int8, CODE_PADDING};
 use crate::quant::{self, Kind, Quantizer, QuantizerSpec, TileShape};
 use crate::{pack, Error, Result};
@@ -153,12 +154,12 @@ pub(crate) struct UnitCore {
     /// Tokens `[0, quantized)` are stored as codes.
     pub quantized: usize,
     pub residual: Residual,
-    /// Code bytes followed by [`CODE_PADDING`] zero bytes.
-    pub codes: Vec<u8>,
+    /// Code bytes followed by [`CODE_PADDING`] zero bytes, from a 64-byte boundary.
+    pub codes: AlignedVec<u8>,
     /// Scale streams: per-channel layout one stream `[block][channel]`; per-token layouts one
     /// stream per channel group, indexed by token.
-    pub scales: Vec<Vec<f16>>,
-    pub zeros: Vec<Vec<f16>>,
+    pub scales: Vec<AlignedVec<f16>>,
+    pub zeros: Vec<AlignedVec<f16>>,
 }
 
 impl UnitCore {
@@ -188,9 +189,9 @@ impl UnitCore {
             head_dim,
             quantized: 0,
             residual: Residual::default(),
-            codes: vec![0; CODE_PADDING],
-            scales: vec![Vec::new(); streams],
-            zeros: vec![Vec::new(); streams],
+            codes: AlignedVec::from_elem(0, CODE_PADDING),
+            scales: vec![AlignedVec::new(); streams],
+            zeros: vec![AlignedVec::new(); streams],
         })
     }
 
@@ -199,7 +200,7 @@ impl UnitCore {
     }
 
     pub fn metadata_bytes(&self) -> usize {
-        let count: usize = self.scales.iter().chain(&self.zeros).map(Vec::len).sum();
+        let count: usize = self.scales.iter().chain(&self.zeros).map(|s| s.len()).sum();
         2 * count
     }
 
@@ -226,7 +227,7 @@ impl UnitCore {
         self.scales
             .iter_mut()
             .chain(self.zeros.iter_mut())
-            .for_each(Vec::clear);
+            .for_each(AlignedVec::clear);
     }
 }
 
